@@ -36,16 +36,22 @@ def atomic_save(obj, path, keep_previous=None) -> Path:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise CheckpointError(f"No space left on the device while writing {path}. The previous checkpoint is intact; "
-                                  "free some space (or choose another --run-dir) and resume with --resume auto.") from e
-        if isinstance(e, OSError):
-            raise CheckpointError(f"Could not write {path}: {e}. The previous checkpoint is intact.") from e
+        # torch.save's zip writer reports a short write as RuntimeError ("unexpected pos", "file write failed")
+        short_write = isinstance(e, RuntimeError) and any(t in str(e) for t in ("unexpected pos", "file write failed", "PytorchStreamWriter failed"))
+        if isinstance(e, OSError) or short_write:
+            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+            need = max(path.stat().st_size if path.exists() else 0, written)
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or short_write and free < max(need, 1 << 20)
+            what = (f"No space left on the device holding {path.parent} ({free / 2**20:.0f} MiB free; the checkpoint needs about "
+                    f"{need / 2**20:.0f} MiB)") if full else f"Could not write {path} ({e})"
+            raise CheckpointError(f"{what}. The previous checkpoint is intact and no temporary file is left; free some space "
+                                  "(or move the run folder) and continue with --resume auto.") from None
         raise
     return path
 
-# %% ../nbs/05_checkpoint.ipynb #55291dfb
+# %% ../nbs/05_checkpoint.ipynb #9cf7bc97
 def load_checkpoint(path, map_location="cpu") -> dict:
     "Load a checkpoint with `weights_only=True`; unsafe, truncated or corrupt files raise `CheckpointError`."
     path = Path(path)
@@ -63,7 +69,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict): raise CheckpointError(f"{path} is not a segkit checkpoint (found {type(ckpt).__name__}).")
     return ckpt
 
-# %% ../nbs/05_checkpoint.ipynb #7184cf88
+# %% ../nbs/05_checkpoint.ipynb #ee994ec7
 def checkpoint_files(ckpt_dir) -> list[Path]:
     "Checkpoint files in `ckpt_dir`, newest first."
     ckpt_dir = Path(ckpt_dir)
@@ -87,7 +93,7 @@ def link_or_copy(src, dst):
     except OSError: shutil.copy2(src, dst)
     return dst
 
-# %% ../nbs/05_checkpoint.ipynb #ee994ec7
+# %% ../nbs/05_checkpoint.ipynb #a4834239
 class BestCheckpoints:
     "Keep the best `keep` checkpoints by `metric` in `ckpt_dir`, with a table in `best.json`."
     def __init__(self, ckpt_dir, keep: int = 3, metric: str = "miou", mode: str = "max"):
@@ -140,7 +146,7 @@ class BestCheckpoints:
     def state_dict(self): return {"table": [dict(r) for r in self.table], "keep": self.keep, "metric": self.metric, "mode": self.mode}
     def load_state_dict(self, sd): self.table = [dict(r) for r in sd["table"]]
 
-# %% ../nbs/05_checkpoint.ipynb #bb48741a
+# %% ../nbs/05_checkpoint.ipynb #a5223ace
 MODEL_KEYS = ("model", "num_classes", "classes", "aux_loss", "model_kwargs", "in_channels", "mean", "std", "eval_size", "channels_last",
               "mask_mode", "ignore_index", "label_map", "reduce_zero_label", "image_suffix", "mask_suffix", "val_split", "seed")
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_config.ipynb #003f8f28
 from __future__ import annotations
-import argparse, dataclasses, difflib, json, os, runpy, typing
+import argparse, dataclasses, difflib, json, os, runpy, shlex, sys, typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 import yaml
@@ -283,6 +283,7 @@ def check_unknown(unknown, valid=None):
 def parse_config(argv=None) -> tuple[Config, bool]:
     "Resolve defaults, preset, file and command line into a `Config` (its `sources` say where each value came from)."
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv) + shlex.split(os.environ.get("SEGKIT_ARGS", ""))
     args, unknown = parser.parse_known_args(argv)
     check_unknown(unknown)
     cli = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_distributed.ipynb #c1b40c73
 from __future__ import annotations
-import logging, os, socket, subprocess
+import logging, os, socket, subprocess, sys
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
@@ -14,8 +14,8 @@ log = logging.getLogger("segkit")
 
 # %% auto #0
 __all__ = ['log', 'GLOO_STARTUP_FAILURES', 'DistEnv', 'DeviceError', 'resolve_device', 'init_distributed', 'cleanup_distributed',
-           'shared_store_restart_warning', 'barrier', 'broadcast_object', 'all_gather_object', 'all_reduce_sum',
-           'convert_sync_batchnorm', 'wrap_model', 'unwrap', 'free_port', 'run_torchrun']
+           'exit_process', 'shared_store_restart_warning', 'barrier', 'broadcast_object', 'all_gather_object',
+           'all_reduce_sum', 'convert_sync_batchnorm', 'wrap_model', 'unwrap', 'free_port', 'run_torchrun']
 
 # %% ../nbs/06_distributed.ipynb #ba606821
 @dataclass
@@ -60,10 +60,22 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return env
 
 def cleanup_distributed():
-    "Leave the process group, if any."
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    "Leave the process group, if any; on a normal exit, first wait until every rank is done with its collectives."
+    if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:                  # called while an error propagates (one rank failing): do not wait for the others
+            try: dist.barrier()
+            except RuntimeError: pass                 # a peer is gone already: leave anyway
+        dist.destroy_process_group()
 
 # %% ../nbs/06_distributed.ipynb #5b48a995
+def exit_process(code: int = 0):
+    "End the command with `code`; a torchrun worker ends without interpreter tear-down (flushed first), which gloo can abort."
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush(); sys.stderr.flush(); logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+# %% ../nbs/06_distributed.ipynb #b21d9145
 def shared_store_restart_warning(environ) -> str | None:
     "The warning for a torchrun run that may restart its workers on the rendezvous store it shares with them, else None."
     restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
@@ -73,7 +85,7 @@ def shared_store_restart_warning(environ) -> str | None:
             "Launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, e.g. "
             "`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts 3 -m segkit.train ...`.")
 
-# %% ../nbs/06_distributed.ipynb #87cdde68
+# %% ../nbs/06_distributed.ipynb #a38115f4
 def _active() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 def barrier():
@@ -95,7 +107,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _active(): dist.all_reduce(t)
     return t
 
-# %% ../nbs/06_distributed.ipynb #a38115f4
+# %% ../nbs/06_distributed.ipynb #e8452137
 def convert_sync_batchnorm(model: nn.Module, env: DistEnv, enabled: bool = True) -> nn.Module:
     "SyncBatchNorm across processes on GPU; skipped, with a log line, on CPU or a single process."
     if not enabled or not env.distributed: return model
@@ -116,12 +128,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     "The model inside a DDP wrapper."
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-# %% ../nbs/06_distributed.ipynb #3929747f
+# %% ../nbs/06_distributed.ipynb #43ab7630
 def free_port() -> int:
     "A free TCP port on 127.0.0.1 (for torchrun rendezvous in tests)."
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
-# %% ../nbs/06_distributed.ipynb #e71965ac
+# %% ../nbs/06_distributed.ipynb #50ccd31d
 GLOO_STARTUP_FAILURES = ("connectFullMesh failed",)
 
 def run_torchrun(cmd: list, env: dict | None = None, timeout: float = 600, retries: int = 1):

@@ -14,7 +14,7 @@ from .layouts import DataOptions, DATA_KEYS, find_layout, resolve_labels, open_s
 from .augment import eval_transforms, overlay
 from .models import get_model
 from .checkpoint import load_checkpoint, CheckpointError
-from .distributed import init_distributed, cleanup_distributed
+from .distributed import init_distributed, cleanup_distributed, exit_process
 from .config import ConfigError, add_config_flags, check_unknown, coerce
 from .runtime import (IMAGENET_MEAN, IMAGENET_STD, evaluate_model, format_iou_table, default_demo_root, run_cli,
                             setup_logging, to_input)
@@ -137,7 +137,7 @@ def _evaluate_cli(argv=None):
         print(f"{r['images']} images ({r['layout']} {r['split']} split of {r['data_root']})")
         print(r["table"]); print(f"mIoU: {r['miou']:.4f}"); print(f"written to {r['output']}")
 
-def main(argv=None): sys.exit(run_cli(_evaluate_cli, argv))
+def main(argv=None): exit_process(run_cli(_evaluate_cli, argv))
 
 # %% ../nbs/09_evaluate.ipynb #259fb54b
 #| eval: false

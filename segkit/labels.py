@@ -5,7 +5,7 @@
 # %% ../nbs/01a_labels.ipynb #650c6791
 from __future__ import annotations
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -168,7 +168,8 @@ class LabelSpec:
             mapped = np.array([self.label_map.get(int(x), other) for x in v.ravel()], np.int64).reshape(v.shape)
         elif self.reduce_zero_label: mapped = np.where(v == 0, IGNORE_INDEX, v - 1)
         else: mapped = v
-        ok = (mapped == IGNORE_INDEX) | ((mapped >= 0) & (mapped < max(self.num_classes, 1) if self.classes else mapped >= 0))
+        limit = self.num_classes if self.classes else IGNORE_INDEX      # no class list yet: any label 0..254
+        ok = (mapped == IGNORE_INDEX) | ((mapped >= 0) & (mapped < limit))
         out[ok] = mapped[ok]
         out[ignored] = IGNORE_INDEX
         return out
@@ -252,8 +253,7 @@ class LabelSpec:
     def display_colours(self) -> np.ndarray:
         "`[256,3]` colours to draw class indices with: the data set's own, else VOC's."
         pal = voc_palette().copy()
-        if self.colours is not None and self.mask_mode == "palette" or self.colours is not None and len(self.colours) == self.num_classes:
-            pal[:len(self.colours)] = self.colours[:256]
+        if self.colours is not None: pal[:len(self.colours)] = self.colours[:256]
         return pal
 
     def to_dict(self) -> dict:

@@ -14,7 +14,7 @@ from .labels import DataError
 from .data import read_image
 from .layouts import IMAGE_SUFFIXES
 from .augment import overlay
-from .distributed import resolve_device
+from .distributed import resolve_device, exit_process
 from .evaluate import model_from_checkpoint, checkpoint_labels
 from .runtime import IMAGENET_MEAN, IMAGENET_STD, autocast, run_cli, to_input
 
@@ -79,7 +79,7 @@ def _predict_cli(argv=None):
     written = predict_folder(a.checkpoint, a.input, a.output, a.overlay, a.device, a.amp, a.size, a.overwrite)
     print(f"wrote {len(written)} file(s) to {a.output}")
 
-def main(argv=None): sys.exit(run_cli(_predict_cli, argv))
+def main(argv=None): exit_process(run_cli(_predict_cli, argv))
 
 # %% ../nbs/10_predict.ipynb #50cb20c9
 #| eval: false

@@ -12,6 +12,7 @@ from .layouts import DataOptions, DATA_KEYS, find_layout, resolve_labels, image_
 from .data import make_demo_dataset
 from .config import ConfigError, add_config_flags, check_unknown, coerce
 from .runtime import run_cli, default_demo_root
+from .distributed import exit_process
 
 # %% auto #0
 __all__ = ['dataset_report', 'format_report', 'plot_report', 'build_parser', 'main']
@@ -138,7 +139,7 @@ def _report_cli(argv=None):
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))
     if rep["fatal"]: raise SystemExit(1)
 
-def main(argv=None): sys.exit(run_cli(_report_cli, argv))
+def main(argv=None): exit_process(run_cli(_report_cli, argv))
 
 # %% ../nbs/01c_report.ipynb #5926bb02
 #| eval: false

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_runtime.ipynb #a1bb0ea1
 from __future__ import annotations
-import contextlib, logging, os, sys
+import contextlib, errno, logging, os, sys
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,8 +18,9 @@ from .config import ConfigError
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'IMAGENET_MEAN', 'IMAGENET_STD', 'USER_ERRORS', 'to_input', 'image_mean_std', 'autocast', 'evaluate_model',
-           'colorize', 'format_iou_table', 'SegkitError', 'setup_logging', 'run_cli', 'default_demo_root']
+__all__ = ['log', 'IMAGENET_MEAN', 'IMAGENET_STD', 'USER_ERRORS', 'DISK_ERRNOS', 'to_input', 'image_mean_std', 'autocast',
+           'evaluate_model', 'colorize', 'format_iou_table', 'SegkitError', 'setup_logging', 'run_cli',
+           'disk_error_message', 'default_demo_root']
 
 # %% ../nbs/07a_runtime.ipynb #f28ea924
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -107,11 +108,25 @@ def run_cli(fn, argv=None) -> int:
     "Run `fn(argv)`, turning the errors a user can fix into a one-line message and an exit code."
     try: fn(argv); return 0
     except ConfigError as e: print(f"segkit: error: {e}", file=sys.stderr); return 2
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, USER_ERRORS):
+            if e.errno not in DISK_ERRNOS: raise
+            e = SegkitError(disk_error_message(e))
         rank = os.environ.get("RANK")
         print(f"segkit: error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+
+def disk_error_message(e: OSError) -> str:
+    "One line for a file that cannot be written: which file, why, and what to do."
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"No space left (or quota exceeded) writing {where}. Free some space, or choose another --run-dir, and run the command again (--resume auto continues)."
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"Cannot use {where}: a file stands where a folder is needed (or the reverse). Choose another path (e.g. --run-dir)."
+    return f"Cannot write {where}: {e.strerror}. Make the folder writable, or choose another one (e.g. --run-dir)."
 
 def default_demo_root() -> Path:
     "Where the generated demo data set lives: $SEGKIT_DATA or ~/.cache/segkit/demo."

@@ -16,7 +16,7 @@ from .augment import train_transforms, eval_transforms
 from .models import get_model, param_groups, freeze_backbone, import_object, WeightsError, ModelError
 from .metrics import ConfusionMatrix, SegmentationLoss
 from .checkpoint import atomic_save, load_checkpoint, find_resume_checkpoint, BestCheckpoints, CheckpointError
-from .distributed import (DistEnv, init_distributed, cleanup_distributed, wrap_model, unwrap, barrier,
+from .distributed import (DistEnv, init_distributed, cleanup_distributed, exit_process, wrap_model, unwrap, barrier,
                                 broadcast_object, all_gather_object, all_reduce_sum)
 from .config import Config, ConfigError, PRESETS, preset_layer, make_config, parse_config, save_config, format_config
 from .runtime import (IMAGENET_MEAN, IMAGENET_STD, to_input, image_mean_std, autocast, evaluate_model, colorize,
@@ -60,8 +60,9 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir/"config.yaml").exists() or any((run_dir/"checkpoints").glob("*.pt")) if run_dir.exists() else False
 
 def default_run_dir(cfg: Config) -> Path:
-    "runs/<preset>, or the next runs/<preset>-N that is free (a resume continues runs/<preset>)."
-    base = Path("runs")/cfg.preset
+    "runs/<name>, or the next runs/<name>-N that is free (a resume continues runs/<name>); name: the preset, or the data root's folder."
+    own_data = cfg.preset == "demo" and cfg.data_root
+    base = Path("runs")/(Path(cfg.data_root).expanduser().resolve().name if own_data else cfg.preset)
     if cfg.resume or not holds_run(base): return base
     n = 2
     while holds_run(base.with_name(f"{base.name}-{n}")): n += 1
@@ -70,6 +71,7 @@ def default_run_dir(cfg: Config) -> Path:
 def plan_run(cfg: Config) -> tuple[Path, Path | None]:
     "The run folder and the checkpoint to resume from (None: start from scratch)."
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir(): raise RunDirError(f"--run-dir {run_dir} is a file, not a folder. Choose another --run-dir.")
     if cfg.resume == "auto":
         found = find_resume_checkpoint(run_dir/"checkpoints")
         return run_dir, (found[0] if found else None)
@@ -279,13 +281,23 @@ class Trainer:
             x, y = to_input(images, self.device, cfg.channels_last, cfg.mean, cfg.std), masks.to(self.device, non_blocking=True).long()
             sync = self.model.no_sync() if env.distributed and not closes else contextlib.nullcontext()
             with sync:
-                with autocast(self.device, cfg.amp): loss = self.criterion(self.model(x), y)
+                with autocast(self.device, cfg.amp): loss = self.criterion(self.forward(x), y)
                 self.scaler.scale(loss / size).backward()
             self.loss_sum += loss.detach().float(); self.loss_n += 1
             self.nonfinite |= ~torch.isfinite(loss.detach())
             if closes: self.optimizer_step(epoch, i + 1)
             if self.bar is not None: self.bar.update(1)
         if self.bar is not None: self.bar.close(); self.bar = None
+
+    def forward(self, x):
+        "The model on a training batch; a crop or batch too small for the model is the user's to fix, and said so."
+        try: return self.model(x)
+        except (RuntimeError, ValueError) as e:
+            msg = str(e).splitlines()[0]
+            if "too small" in msg or "Expected more than 1 value per channel" in msg:
+                raise ConfigError(f"{self.cfg.model} cannot train on {x.shape[-2]}x{x.shape[-1]} crops in batches of {x.shape[0]} ({msg}). "
+                                  "Use a larger --crop-size (a multiple of 32, at least 64 for DeepLabV3 and FCN) or a larger --batch-size.") from None
+            raise
 
     def optimizer_step(self, epoch: int, batches_done: int):
         cfg = self.cfg
@@ -462,7 +474,7 @@ def _train_cli(argv=None):
     summary = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0 and summary.get("miou") is not None: print(f"mIoU: {summary['miou']:.4f}")
 
-def main(argv=None): sys.exit(run_cli(_train_cli, argv))
+def main(argv=None): exit_process(run_cli(_train_cli, argv))
 
 # %% ../nbs/08_train.ipynb #e586eb25
 #| eval: false
