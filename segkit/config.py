@@ -91,6 +91,7 @@ class Config:
     # the run
     run_dir: str | None = _f(None, "run folder; default runs/<preset> (or the next free runs/<preset>-N)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    dist_timeout: float = _f(600.0, "seconds a process waits for its peers (process-group set-up and each collective) before the run fails, so that torchrun can restart it instead of hanging")
     seed: int = _f(0, "random seed")
     deterministic: bool = _f(False, "deterministic kernels (repeatable GPU runs; slower)")
     num_workers: int = _f(2, "data-loader worker processes per training process")
@@ -187,6 +188,7 @@ def validate(cfg: Config) -> Config:
     for k in ("num_workers", "checkpoint_every_steps", "keep_best", "warmup_steps"):
         if getattr(cfg, k) < 0: raise ConfigError(f"Config key {k!r} must be 0 or more, got {getattr(cfg, k)}.")
     if not 0 < cfg.lr < 10: raise ConfigError(f"Config key 'lr' must be in (0, 10), got {cfg.lr}.")
+    if cfg.dist_timeout <= 0: raise ConfigError(f"Config key 'dist_timeout' must be positive (seconds), got {cfg.dist_timeout}.")
     if not 0 < cfg.scale_min <= cfg.scale_max: raise ConfigError(f"Config keys 'scale_min' <= 'scale_max' must hold and be positive, got {cfg.scale_min}, {cfg.scale_max}.")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"Config key 'resume': checkpoint {cfg.resume!r} not found (use a file, 'auto' or none).")
@@ -307,6 +309,8 @@ def format_config(cfg: Config, sources: dict | None = None) -> str:
         lines.append(f"{text}  # {sources.get(k, 'default')}")
     return "\n".join(lines) + "\n"
 
-def save_config(cfg: Config, path) -> Path:
-    "Write the resolved config as YAML."
-    path = Path(path); path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)); return path
+def save_config(cfg: Config, path, note: str | None = None) -> Path:
+    "Write the resolved config as YAML, after a `# note` line (e.g. the data layout) if given."
+    path = Path(path)
+    path.write_text((f"# {note}\n" if note else "") + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path

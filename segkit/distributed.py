@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_distributed.ipynb #c1b40c73
 from __future__ import annotations
-import logging, os, socket, subprocess, sys
+import datetime, logging, os, socket, subprocess, sys
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
@@ -47,8 +47,8 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device != "cpu": raise DeviceError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return torch.device("cpu")
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    "Read torchrun's environment; with WORLD_SIZE > 1 join the process group (NCCL on CUDA, gloo on CPU)."
+def init_distributed(device: str = "auto", timeout: float | None = None) -> DistEnv:
+    "Read torchrun's environment; with WORLD_SIZE > 1 join the process group (NCCL on CUDA, gloo on CPU), collectives bounded by `timeout` s."
     e = os.environ
     env = DistEnv(int(e.get("RANK", 0)), int(e.get("LOCAL_RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_WORLD_SIZE", 1)))
     env.device = resolve_device(device, env.local_rank)
@@ -56,7 +56,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         if (msg := shared_store_restart_warning(e)): log.warning(msg)
-        dist.init_process_group(backend, **({"device_id": env.device} if backend == "nccl" else {}))
+        kw = {"device_id": env.device} if backend == "nccl" else {}
+        if timeout: kw["timeout"] = datetime.timedelta(seconds=timeout)
+        dist.init_process_group(backend, **kw)
     return env
 
 def cleanup_distributed():

@@ -186,7 +186,8 @@ class Trainer:
         self.palette = train_ds.labels.display_colours() if hasattr(train_ds, "labels") else None
         per_rank = len(train_ds) // env.world_size
         if per_rank < cfg.batch_size:
-            fix = "Raise --debug-samples" if cfg.debug else "Lower --batch-size"
+            fix = (f"The data has only {len(train_ds)} training samples in debug mode (--debug-samples {cfg.debug_samples}): lower --batch-size"
+                   if cfg.debug else "Lower --batch-size")
             raise DataError(f"The training set ({train_ds.name}) has {len(train_ds)} samples: fewer than one batch of "
                             f"{cfg.batch_size} per process for {env.world_size} process(es). {fix}.")
         pin = self.device.type == "cuda"
@@ -420,7 +421,7 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
         name = layer.get("preset", "demo")
         if name not in PRESETS: raise ConfigError(f"Unknown preset {name!r}. Presets: {', '.join(PRESETS)}.")
         cfg = make_config(preset_layer(name, any(layer.get(k) for k in ("data_root", "dataset"))), layer)
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_timeout)
     cfg = apply_debug(cfg, env.world_size)
     if cfg.amp == "fp16" and env.device.type != "cuda": raise ConfigError("amp='fp16' needs CUDA; use --amp bf16 or --amp none on the CPU.")
     if cfg.mlflow:
@@ -450,7 +451,8 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
                         "best": ckpt["best"]["table"], "finished": True, "seconds": 0.0}
             trainer = Trainer(cfg, env, run_dir)
             if env.is_main:
-                save_config(trainer.cfg, run_dir/"config.yaml")
+                layout = getattr(trainer.train_ds, "layout", None)
+                save_config(trainer.cfg, run_dir/"config.yaml", f"data: {layout.describe()}" if layout is not None else None)
                 if trainer.cfg.class_weights is not None:
                     (run_dir/"class_weights.json").write_text(json.dumps(dict(zip(map(str, trainer.classes), trainer.cfg.class_weights)), indent=1))
             if ckpt is not None: trainer.load(ckpt, resume_from)
