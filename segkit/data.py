@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from .seed import WorkerSeeder, derive_seed
-from .labels import IGNORE_INDEX, DataError, VOC_CLASSES, voc_palette, LabelSpec, MASK_MODES, read_mask_array
+from .labels import IGNORE_INDEX, DataError, VOC_CLASSES, voc_palette, LabelSpec, MASK_MODES
 
 # %% auto #0
 __all__ = ['DEMO_CLASSES', 'read_image', 'read_mask', 'SegmentationDataset', 'find_voc_root', 'VOCSegmentation', 'find_sbd_root',

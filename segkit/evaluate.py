@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_evaluate.ipynb #596ccc3d
 from __future__ import annotations
-import argparse, csv, json, logging, os, sys
+import argparse, csv, json, logging
 from pathlib import Path
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from .augment import eval_transforms, overlay
 from .models import get_model
 from .checkpoint import load_checkpoint, CheckpointError
 from .distributed import init_distributed, cleanup_distributed, exit_process
-from .config import ConfigError, add_config_flags, check_unknown, coerce
+from .config import add_config_flags, check_unknown, coerce
 from .runtime import (IMAGENET_MEAN, IMAGENET_STD, evaluate_model, format_iou_table, default_demo_root, run_cli,
                             setup_logging, to_input)
 

@@ -4,7 +4,6 @@
 
 # %% ../nbs/01a_labels.ipynb #650c6791
 from __future__ import annotations
-import json
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np

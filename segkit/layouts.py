@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from .labels import (IGNORE_INDEX, DataError, LabelSpec, VOC_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_COLOURS,
+from .labels import (IGNORE_INDEX, DataError, LabelSpec, CITYSCAPES_CLASSES, CITYSCAPES_COLOURS,
                            CITYSCAPES_ID_TO_TRAIN_ID, ADE20K_CLASSES, read_classes_file, read_palette_file, parse_label_map,
                            read_mask_array)
 from .data import (SegmentationDataset, VOCSegmentation, VOCSBDTrain, find_voc_root, find_sbd_root, split_indices, voc_palette)
@@ -397,11 +397,11 @@ def image_size(path) -> tuple[int, int]:
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"Cannot read image {path}: the file is corrupt or not an image ({e}).") from None
 
-def data_sizes(images, max_images: int = 256) -> dict:
-    "Median shorter side of (up to `max_images` evenly spread) `images`, and the base and crop sizes derived from it."
+def data_sizes(images, max_images: int = 256, max_crop: int = 512) -> dict:
+    "Median shorter side of (up to `max_images` evenly spread) `images`, and the base and crop (at most `max_crop`) sizes derived from it."
     images = list(images)
     pick = images if len(images) <= max_images else [images[i] for i in np.linspace(0, len(images) - 1, max_images).astype(int)]
     shorter = float(np.median([min(image_size(p)) for p in pick]))
     base = int(min(shorter, 1024))
-    crop = max(32, min(base, 512) // 32 * 32)
+    crop = max(32, min(base, max_crop) // 32 * 32)
     return {"median_short_side": shorter, "base_size": base, "crop_size": crop}

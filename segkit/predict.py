@@ -4,9 +4,8 @@
 
 # %% ../nbs/10_predict.ipynb #92fb7cd1
 from __future__ import annotations
-import argparse, logging, sys
+import argparse, logging
 from pathlib import Path
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse, json, sys, time
 from pathlib import Path
 import numpy as np
-from .labels import IGNORE_INDEX, DataError, read_mask_array
+from .labels import IGNORE_INDEX, DataError
 from .layouts import DataOptions, DATA_KEYS, find_layout, resolve_labels, image_size
 from .data import make_demo_dataset
-from .config import ConfigError, add_config_flags, check_unknown, coerce
+from .config import add_config_flags, check_unknown, coerce
 from .runtime import run_cli, default_demo_root
 from .distributed import exit_process
 

@@ -4,19 +4,19 @@
 
 # %% ../nbs/08_train.ipynb #93eed3cf
 from __future__ import annotations
-import contextlib, copy, dataclasses, json, logging, math, os, sys, time
+import contextlib, copy, dataclasses, json, logging, math, os, time
 from pathlib import Path
-import torch, yaml
+import torch
 from torch import nn
 from .seed import seed_everything, derive_seed, get_rng_state, set_rng_state
 from .labels import DataError, count_labels, class_weights_from_counts, CLASS_WEIGHT_METHODS
 from .data import make_demo_dataset, make_train_loader, make_eval_loader, set_loader_epoch
 from .layouts import DataOptions, open_datasets, data_sizes
 from .augment import train_transforms, eval_transforms
-from .models import get_model, param_groups, freeze_backbone, import_object, WeightsError, ModelError
-from .metrics import ConfusionMatrix, SegmentationLoss
+from .models import get_model, param_groups, freeze_backbone, import_object, WeightsError
+from .metrics import SegmentationLoss
 from .checkpoint import atomic_save, load_checkpoint, find_resume_checkpoint, BestCheckpoints, CheckpointError
-from .distributed import (DistEnv, init_distributed, cleanup_distributed, exit_process, wrap_model, unwrap, barrier,
+from .distributed import (DistEnv, init_distributed, cleanup_distributed, exit_process, resolve_device, wrap_model, unwrap, barrier,
                                 broadcast_object, all_gather_object, all_reduce_sum)
 from .config import Config, ConfigError, PRESETS, preset_layer, make_config, parse_config, save_config, format_config
 from .runtime import (IMAGENET_MEAN, IMAGENET_STD, to_input, image_mean_std, autocast, evaluate_model, colorize,
@@ -103,8 +103,9 @@ def _weights_file(path: Path) -> list:
     try: return [float(x) for x in path.read_text().replace(",", " ").split()]
     except ValueError: raise ConfigError(f"Class weights file {path} must hold one number per class (one a line).") from None
 
-def prepare_data(cfg: Config, limit: int | None = None):
+def prepare_data(cfg: Config, limit: int | None = None, device_type: str | None = None):
     "Open the run's data sets and fill in what `cfg` leaves to the data; returns (cfg, train set, val set, notes)."
+    device_type = device_type or resolve_device(cfg.device).type
     root = cfg.data_root
     if root is None and cfg.dataset is None: root = make_demo_dataset(default_demo_root())
     if cfg.dataset:
@@ -113,7 +114,7 @@ def prepare_data(cfg: Config, limit: int | None = None):
     else: train_ds, val_ds = open_datasets(root, DataOptions.from_config(cfg), seed=cfg.seed, limit=limit)
     updates, notes = {}, []
     if cfg.crop_size is None or cfg.base_size is None:
-        sizes = data_sizes(train_ds.images)
+        sizes = data_sizes(train_ds.images, max_crop=256 if device_type == "cpu" else 512)
         base = cfg.base_size or sizes["base_size"]
         crop = cfg.crop_size or max(32, min(sizes["crop_size"], base) // 32 * 32)
         updates.update({k: v for k, v in (("base_size", base), ("crop_size", crop)) if getattr(cfg, k) is None})
@@ -179,7 +180,7 @@ class Trainer:
 
     def _build_data(self):
         cfg, env = self.cfg, self.env
-        self.cfg, train_ds, val_ds, self.data_notes = prepare_data(cfg, cfg.debug_samples if cfg.debug else None)
+        self.cfg, train_ds, val_ds, self.data_notes = prepare_data(cfg, cfg.debug_samples if cfg.debug else None, self.device.type)
         cfg = self.cfg
         self.train_ds, self.val_ds, self.data_root = train_ds, val_ds, cfg.data_root
         self.classes, self.num_classes = list(train_ds.classes), len(train_ds.classes)
