@@ -22,22 +22,15 @@ __all__ = ['DEMO_CLASSES', 'read_image', 'read_mask', 'SegmentationDataset', 'fi
 # %% ../nbs/01_data.ipynb #ed927fd8
 _TV_FORMATS = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 _TV_MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 def _pil_array(im: Image.Image, channels: int) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):             # 16/32-bit single-band: keep every level
-        a = np.array(im).astype(np.float32)
-        if im.mode != "F": a = a / 257.0
-        a = a[..., None]
-    else:
-        if im.mode not in ("L", "RGB", "RGBA"): im = im.convert("RGBA" if channels == 4 else "RGB")
-        a = np.array(im)
-        if a.ndim == 2: a = a[..., None]
-    c = a.shape[-1]
-    if c == channels: return a
-    if channels == 1: return (a[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(a.dtype) if c >= 3 else a[..., :1]
-    if c == 1: return np.repeat(a, channels, -1) if channels == 3 else np.concatenate([np.repeat(a, 3, -1), np.full_like(a, 255)], -1)
-    if channels == 3: return a[..., :3]
-    return np.concatenate([a, np.full_like(a[..., :1], 255)], -1)
+    "`[H,W,channels]` from PIL: 16/32-bit single-band images as float on the 8-bit scale, the rest converted by PIL."
+    if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"): return np.array(im.convert(_PIL_MODES[channels])).reshape(im.height, im.width, -1)
+    a = np.array(im).astype(np.float32)[..., None]
+    if im.mode != "F": a = a / 257.0
+    if channels == 1: return a
+    return np.concatenate([a] * 3 + ([np.full_like(a, 255.0)] if channels == 4 else []), -1)
 
 def read_image(path, channels: int = 3) -> torch.Tensor:
     "Read an image as a tensor `[channels,H,W]`: uint8 for 8-bit files, float32 on the 8-bit scale for deeper ones."
@@ -45,10 +38,9 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
     if not path.is_file(): raise DataError(f"Image file not found: {path}")
     if channels not in (1, 3, 4): raise DataError(f"in_channels must be 1, 3 or 4, got {channels}.")
     try:
-        if path.suffix.lower() in _TV_FORMATS and channels != 4:
-            data = read_file(str(path))
-            if path.suffix.lower() != ".png" or data[24].item() == 8 or data[25].item() == 3:   # PNG bit depth byte; palette PNGs are 8-bit
-                return decode_image(data, mode=_TV_MODES[channels])
+        if path.suffix.lower() in _TV_FORMATS and not (channels == 4 and path.suffix.lower() in (".jpg", ".jpeg")):
+            x = decode_image(read_file(str(path)), mode=_TV_MODES[channels])      # 16-bit PNGs come back as uint16
+            return x.float() / 257.0 if x.dtype == torch.uint16 else x
         with Image.open(path) as im: a = _pil_array(im, channels)
         return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
     except (RuntimeError, OSError, ValueError, SyntaxError, IndexError) as e:

@@ -38,9 +38,7 @@ class Pairing:
     pairs: list                       # (id, image path, mask path)
     images_without_mask: list
     masks_without_image: list
-    image_suffix: str | None = None
-    mask_suffix: str | None = None
-    note: str = ""
+    note: str = ""                    # how the pairing was found, when segkit had to find it
 
 def _keyed(folder: Path, suffix, recursive: bool) -> dict:
     files = folder.rglob("*") if recursive else folder.iterdir()
@@ -82,8 +80,6 @@ def pair_files(images_dir, masks_dir, image_suffix: str | None = None, mask_suff
             if (ti or tm) and set(strip(imgs, ti)) & set(strip(msks, tm)):
                 imgs, msks = strip(imgs, ti), strip(msks, tm)
                 note = f"paired {idir} and {mdir} by dropping {', '.join(repr(t) for t in (ti, tm) if t)} from the file names"
-                image_suffix = (ti + ".*") if ti else image_suffix
-                mask_suffix = (tm + ".*") if tm else mask_suffix
                 break
     keys = sorted(set(imgs) & set(msks), key=natural_key)
     if not keys:
@@ -94,7 +90,7 @@ def pair_files(images_dir, masks_dir, image_suffix: str | None = None, mask_suff
                         "--image-suffix and --mask-suffix (e.g. --mask-suffix _mask.png).")
     no_mask = sorted((imgs[k] for k in set(imgs) - set(msks)), key=lambda p: natural_key(str(p)))
     no_img = sorted((msks[k] for k in set(msks) - set(imgs)), key=lambda p: natural_key(str(p)))
-    return Pairing([(k, imgs[k], msks[k]) for k in keys], no_mask, no_img, image_suffix, mask_suffix, note)
+    return Pairing([(k, imgs[k], msks[k]) for k in keys], no_mask, no_img, note)
 
 # %% ../nbs/01b_layouts.ipynb #10604ad6
 @dataclass
@@ -127,7 +123,7 @@ class DataOptions:
         "The data options of a `Config` or a config dict."
         get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
         kw = {f.name: get(f.name, f.default) for f in fields(cls)}
-        return cls(**{k: v for k, v in kw.items() if v is not None or k in ("classes",)})
+        return cls(**{k: v for k, v in kw.items() if v is not None})
 
 DATA_KEYS = tuple(f.name for f in fields(DataOptions))
 
@@ -370,10 +366,8 @@ def open_split(layout: DataLayout, split: str, labels: LabelSpec, opts: DataOpti
     opts = opts or DataOptions()
     pairs = split_pairs(layout, split, opts, seed)
     name = f"{layout.kind} {split if split in ('train', 'val', 'test') else Path(split).name}"
-    ds = SegmentationDataset([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs], labels, transforms,
-                             augment_seed, name, opts.in_channels)
-    ds.split = split
-    return ds
+    return SegmentationDataset([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs], labels, transforms,
+                               augment_seed, name, opts.in_channels)
 
 def open_datasets(root, opts: DataOptions | None = None, train_transforms=None, eval_transforms=None, seed: int = 0,
                   limit: int | None = None, **options):

@@ -182,7 +182,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.cfg, train_ds, val_ds, self.data_notes = prepare_data(cfg, cfg.debug_samples if cfg.debug else None, self.device.type)
         cfg = self.cfg
-        self.train_ds, self.val_ds, self.data_root = train_ds, val_ds, cfg.data_root
+        self.train_ds, self.val_ds = train_ds, val_ds
         self.classes, self.num_classes = list(train_ds.classes), len(train_ds.classes)
         self.palette = train_ds.labels.display_colours() if hasattr(train_ds, "labels") else None
         per_rank = len(train_ds) // env.world_size
