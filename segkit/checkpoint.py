@@ -11,8 +11,8 @@ import torch
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'MODEL_KEYS', 'CheckpointError', 'atomic_save', 'load_checkpoint', 'checkpoint_files', 'find_resume_checkpoint',
-           'link_or_copy', 'BestCheckpoints', 'export_weights']
+__all__ = ['log', 'MODEL_KEYS', 'CheckpointError', 'byte_size', 'link_or_copy', 'atomic_save', 'load_checkpoint',
+           'checkpoint_files', 'find_resume_checkpoint', 'BestCheckpoints', 'export_weights']
 
 # %% ../nbs/05_checkpoint.ipynb #8df105f8
 class CheckpointError(RuntimeError):
@@ -25,14 +25,28 @@ def _fsync_dir(path: Path):
         finally: os.close(fd)
     except OSError: pass
 
+def byte_size(n: int) -> str:
+    "`n` bytes for people: '512 B', '3.2 KiB', '97.9 MiB', '1.5 GiB'."
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB": return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+def link_or_copy(src, dst):
+    "Hard-link `src` to `dst` (same data, no extra space), or copy it where links are not possible."
+    dst = Path(dst); dst.unlink(missing_ok=True)
+    try: os.link(src, dst)
+    except OSError: shutil.copy2(src, dst)
+    return dst
+
 def atomic_save(obj, path, keep_previous=None) -> Path:
-    "`torch.save` to `path` through a temporary file, fsync and rename; the old file moves to `keep_previous` if given."
+    "`torch.save` to `path` through a temporary file, fsync and rename; the old file is kept as `keep_previous` if given."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        if keep_previous is not None and path.exists(): os.replace(path, keep_previous)
+        if keep_previous is not None and path.exists():       # a second name for the old file; `path` itself never goes away
+            os.replace(link_or_copy(path, path.with_name(f".{Path(keep_previous).name}.tmp-{os.getpid()}")), keep_previous)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
@@ -44,14 +58,14 @@ def atomic_save(obj, path, keep_previous=None) -> Path:
             free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
             need = max(path.stat().st_size if path.exists() else 0, written)
             full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or short_write and free < max(need, 1 << 20)
-            what = (f"No space left on the device holding {path.parent} ({free / 2**20:.0f} MiB free; the checkpoint needs about "
-                    f"{need / 2**20:.0f} MiB)") if full else f"Could not write {path} ({e})"
+            what = (f"No space left on the device holding {path.parent} ({byte_size(free)} free; the checkpoint needs about "
+                    f"{byte_size(need)})") if full else f"Could not write {path} ({e})"
             raise CheckpointError(f"{what}. The previous checkpoint is intact and no temporary file is left; free some space "
                                   "(or move the run folder) and continue with --resume auto.") from None
         raise
     return path
 
-# %% ../nbs/05_checkpoint.ipynb #9cf7bc97
+# %% ../nbs/05_checkpoint.ipynb #7184cf88
 def load_checkpoint(path, map_location="cpu") -> dict:
     "Load a checkpoint with `weights_only=True`; unsafe, truncated or corrupt files raise `CheckpointError`."
     path = Path(path)
@@ -69,7 +83,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict): raise CheckpointError(f"{path} is not a segkit checkpoint (found {type(ckpt).__name__}).")
     return ckpt
 
-# %% ../nbs/05_checkpoint.ipynb #ee994ec7
+# %% ../nbs/05_checkpoint.ipynb #a4834239
 def checkpoint_files(ckpt_dir) -> list[Path]:
     "Checkpoint files in `ckpt_dir`, newest first."
     ckpt_dir = Path(ckpt_dir)
@@ -86,14 +100,7 @@ def find_resume_checkpoint(ckpt_dir) -> tuple[Path, dict] | None:
         if "optimizer" in ckpt and "step" in ckpt: return p, ckpt
     return None
 
-def link_or_copy(src, dst):
-    "Hard-link `src` to `dst` (same data, no extra space), or copy it where links are not possible."
-    dst = Path(dst); dst.unlink(missing_ok=True)
-    try: os.link(src, dst)
-    except OSError: shutil.copy2(src, dst)
-    return dst
-
-# %% ../nbs/05_checkpoint.ipynb #a4834239
+# %% ../nbs/05_checkpoint.ipynb #85ef82f4
 class BestCheckpoints:
     "Keep the best `keep` checkpoints by `metric` in `ckpt_dir`, with a table in `best.json`."
     def __init__(self, ckpt_dir, keep: int = 3, metric: str = "miou", mode: str = "max"):
@@ -146,7 +153,7 @@ class BestCheckpoints:
     def state_dict(self): return {"table": [dict(r) for r in self.table], "keep": self.keep, "metric": self.metric, "mode": self.mode}
     def load_state_dict(self, sd): self.table = [dict(r) for r in sd["table"]]
 
-# %% ../nbs/05_checkpoint.ipynb #a5223ace
+# %% ../nbs/05_checkpoint.ipynb #2c086b64
 MODEL_KEYS = ("model", "num_classes", "classes", "aux_loss", "model_kwargs", "in_channels", "mean", "std", "eval_size", "channels_last",
               "mask_mode", "ignore_index", "label_map", "reduce_zero_label", "image_suffix", "mask_suffix", "val_split", "seed")
 

@@ -14,8 +14,9 @@ log = logging.getLogger("segkit")
 
 # %% auto #0
 __all__ = ['log', 'GLOO_STARTUP_FAILURES', 'DistEnv', 'DeviceError', 'resolve_device', 'init_distributed', 'cleanup_distributed',
-           'exit_process', 'shared_store_restart_warning', 'barrier', 'broadcast_object', 'all_gather_object',
-           'all_reduce_sum', 'convert_sync_batchnorm', 'wrap_model', 'unwrap', 'free_port', 'run_torchrun']
+           'exit_process', 'attempt_store', 'shared_store_restart_warning', 'barrier', 'broadcast_object',
+           'all_gather_object', 'all_reduce_sum', 'convert_sync_batchnorm', 'wrap_model', 'unwrap', 'free_port',
+           'run_torchrun']
 
 # %% ../nbs/06_distributed.ipynb #ba606821
 @dataclass
@@ -58,6 +59,7 @@ def init_distributed(device: str = "auto", timeout: float | None = None) -> Dist
         if (msg := shared_store_restart_warning(e)): log.warning(msg)
         kw = {"device_id": env.device} if backend == "nccl" else {}
         if timeout: kw["timeout"] = datetime.timedelta(seconds=timeout)
+        if (store := attempt_store(e, kw.get("timeout"))) is not None: kw.update(store=store, rank=env.rank, world_size=env.world_size)
         dist.init_process_group(backend, **kw)
     return env
 
@@ -78,16 +80,25 @@ def exit_process(code: int = 0):
     sys.exit(code)
 
 # %% ../nbs/06_distributed.ipynb #b21d9145
-def shared_store_restart_warning(environ) -> str | None:
-    "The warning for a torchrun run that may restart its workers on the rendezvous store it shares with them, else None."
-    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
-    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts == 0: return None
-    return (f"torchrun may restart the workers ({restarts} restarts allowed) on the store it shares with them, where the keys of a failed "
-            "attempt stay and can make the restarted workers fail to connect or hang (pytorch/pytorch#135712). "
-            "Launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, e.g. "
-            "`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts 3 -m segkit.train ...`.")
+def attempt_store(environ, timeout: datetime.timedelta | None = None):
+    "The store for this torchrun attempt's process group: torch's env:// store under a prefix of its own, or None where torch's default is safe."
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True": return None     # not under torchrun, or a fresh store per attempt already
+    if int(environ.get("GROUP_WORLD_SIZE", "1")) > 1: return None              # several launchers: their restart counts differ (see the warning)
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), int(environ["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout or dist.constants.default_pg_timeout)           # a client of torchrun's store, as env:// makes it
+    return dist.PrefixStore(f"segkit/attempt{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
-# %% ../nbs/06_distributed.ipynb #a38115f4
+def shared_store_restart_warning(environ) -> str | None:
+    "The warning for a multi-launcher torchrun run that may restart its workers on the store it shares with them, else None."
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts == 0 or int(environ.get("GROUP_WORLD_SIZE", "1")) == 1: return None
+    return (f"torchrun may restart the workers of these {environ['GROUP_WORLD_SIZE']} launchers ({restarts} restarts allowed) on the store "
+            "they share, where the keys of a failed attempt stay and can make the restarted workers fail to connect or hang "
+            "(pytorch/pytorch#135712). Launch every node with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment and "
+            "--rdzv-backend c10d, e.g. `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 2 --max-restarts 3 --rdzv-backend c10d "
+            "--rdzv-endpoint HOST:29500 -m segkit.train ...`.")
+
+# %% ../nbs/06_distributed.ipynb #3929747f
 def _active() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 def barrier():
@@ -109,7 +120,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _active(): dist.all_reduce(t)
     return t
 
-# %% ../nbs/06_distributed.ipynb #e8452137
+# %% ../nbs/06_distributed.ipynb #43ab7630
 def convert_sync_batchnorm(model: nn.Module, env: DistEnv, enabled: bool = True) -> nn.Module:
     "SyncBatchNorm across processes on GPU; skipped, with a log line, on CPU or a single process."
     if not enabled or not env.distributed: return model
@@ -130,12 +141,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     "The model inside a DDP wrapper."
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-# %% ../nbs/06_distributed.ipynb #43ab7630
+# %% ../nbs/06_distributed.ipynb #50ccd31d
 def free_port() -> int:
     "A free TCP port on 127.0.0.1 (for torchrun rendezvous in tests)."
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
-# %% ../nbs/06_distributed.ipynb #50ccd31d
+# %% ../nbs/06_distributed.ipynb #2e6f5539
 GLOO_STARTUP_FAILURES = ("connectFullMesh failed",)
 
 def run_torchrun(cmd: list, env: dict | None = None, timeout: float = 600, retries: int = 1):

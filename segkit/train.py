@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #93eed3cf
 from __future__ import annotations
-import contextlib, copy, dataclasses, json, logging, math, os, time
+import contextlib, copy, dataclasses, json, logging, math, os, socket, time
 from pathlib import Path
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ log = logging.getLogger("segkit")
 
 # %% auto #0
 __all__ = ['log', 'poly_lr_lambda', 'accumulation_group', 'RunDirError', 'NonFiniteLossError', 'holds_run', 'default_run_dir',
-           'plan_run', 'RunLock', 'prepare_data', 'Trainer', 'apply_debug', 'train', 'main']
+           'plan_run', 'RunLock', 'check_shared_run_dir', 'prepare_data', 'Trainer', 'apply_debug', 'train', 'main']
 
 # %% ../nbs/08_train.ipynb #a5df4f13
 def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0, warmup_factor: float = 1e-3):
@@ -99,6 +99,22 @@ class RunLock:
         if self.f: fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
 
 # %% ../nbs/08_train.ipynb #77e5d1d0
+def check_shared_run_dir(run_dir: Path, env: DistEnv):
+    "Stop every rank with one clear line when some rank does not see the run folder rank 0 writes (nodes without shared storage)."
+    if not env.distributed: return
+    marker = Path(run_dir)/".shared-check"
+    token = broadcast_object(f"{socket.gethostname()} {os.getpid()} {time.time_ns()}" if env.is_main else None)
+    if env.is_main: marker.write_text(token)
+    barrier()
+    try: sees = marker.read_text() == token
+    except OSError: sees = False
+    blind = [f"{rank} (on {host})" for rank, (ok, host) in enumerate(all_gather_object((sees, socket.gethostname()))) if not ok]
+    if blind:
+        raise RunDirError(f"The run folder {Path(run_dir).resolve()} is not shared: rank 0 wrote {marker.name} in it, but rank(s) "
+                          f"{', '.join(blind)} cannot see it. Every node must see the same run folder: put --run-dir on storage "
+                          "that all nodes mount (NFS or a cluster file system).")
+
+# %% ../nbs/08_train.ipynb #cb656aa6
 def _weights_file(path: Path) -> list:
     try: return [float(x) for x in path.read_text().replace(",", " ").split()]
     except ValueError: raise ConfigError(f"Class weights file {path} must hold one number per class (one a line).") from None
@@ -141,7 +157,7 @@ def prepare_data(cfg: Config, limit: int | None = None, device_type: str | None 
     train_ds.seed, val_ds.transforms = cfg.seed, eval_transforms(cfg.eval_size)
     return new, train_ds, val_ds, notes
 
-# %% ../nbs/08_train.ipynb #0771aaa0
+# %% ../nbs/08_train.ipynb #e586eb25
 class Trainer:
     "Train a segmentation model as `cfg` says, in `run_dir`, as process `env` of a (possibly distributed) job."
     def __init__(self, cfg: Config, env: DistEnv, run_dir: Path):
@@ -223,14 +239,27 @@ class Trainer:
         self.history, self.best.table = list(ckpt["metrics"]), [dict(r) for r in ckpt["best"]["table"]]
         self.losses, self.epoch_loss = [list(x) for x in ckpt["losses"]], list(ckpt["epoch_loss"])
         if ckpt["world_size"] == self.env.world_size: set_rng_state(ckpt["rng"][self.env.rank])
-        else:
-            log.warning(f"Resuming with {self.env.world_size} processes from a checkpoint of {ckpt['world_size']}: the run "
-                        "continues, restarting the current epoch, but it will not be identical to an uninterrupted one.")
-            self.batch_in_epoch = 0
+        else: self._continue_other_world_size(ckpt)
         if self.env.is_main:
             self._write_metrics_file()
             self.best.sync(source, self.step)
         log.info(f"Resumed from {source}: epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {self.batches_per_epoch}, step {self.step}")
+
+    def _continue_other_world_size(self, ckpt: dict):
+        "Map a checkpoint of another world size onto this one: the same samples of the epoch done, the same point of the schedule."
+        seen = ckpt["batch_in_epoch"] * ckpt["config"]["batch_size"] * ckpt["world_size"]    # the first `seen` of the epoch's order
+        group = self.cfg.batch_size * self.env.world_size * self.cfg.accumulate               # samples per optimizer step now
+        self.batch_in_epoch = min(seen // group * self.cfg.accumulate, self.batches_per_epoch)
+        self.step = self.epoch * self.steps_per_epoch + self.batch_in_epoch // self.cfg.accumulate
+        self.scheduler.last_epoch = self.step                                                # the schedule of this world size, at this step
+        for g, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            g["lr"] = base * factor(self.step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        repeated = seen - self.batch_in_epoch * self.cfg.batch_size * self.env.world_size
+        log.warning(f"Resuming with {self.env.world_size} processes from a checkpoint of {ckpt['world_size']} (step {ckpt['step']}): the "
+                    f"global batch is now {group} samples, so the run continues at step {self.step} of {self.total_steps} ({repeated} "
+                    "sample(s) of this epoch are trained on twice). The schedule ends where it should, but the result is not "
+                    "bit-identical to an uninterrupted run.")
 
     def save_checkpoint(self, finished: bool = False):
         state = self.state_dict(finished)
@@ -396,7 +425,7 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "epoch": self.epoch, "step": self.step, "miou": last.get("miou"),
                 "best": [dict(r) for r in self.best.table], "finished": self.epoch >= self.cfg.epochs, "seconds": seconds}
 
-# %% ../nbs/08_train.ipynb #4d98c5af
+# %% ../nbs/08_train.ipynb #97411468
 def apply_debug(cfg: Config, world_size: int = 1) -> Config:
     "Debug mode: `debug_samples` per split, 2 epochs, evaluation and checkpoint every epoch, no workers; batch, accumulation and crop shrunk to fit."
     if not cfg.debug: return cfg
@@ -439,7 +468,7 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
         run_dir, resume_from = plan
         with (RunLock(run_dir) if env.is_main else contextlib.nullcontext()):
             if env.is_main: (run_dir/"checkpoints").mkdir(parents=True, exist_ok=True)
-            barrier()
+            check_shared_run_dir(run_dir, env)
             setup_logging(run_dir, env)
             if cfg.debug: log.info(f"DEBUG MODE: {cfg.debug_samples} samples per split, batch {cfg.batch_size} x {cfg.accumulate} "
                                    "accumulation, 2 short epochs, evaluation and checkpoint every epoch")
@@ -479,6 +508,6 @@ def _train_cli(argv=None):
 
 def main(argv=None): exit_process(run_cli(_train_cli, argv))
 
-# %% ../nbs/08_train.ipynb #e586eb25
+# %% ../nbs/08_train.ipynb #8cbca77b
 #| eval: false
 if __name__ == "__main__": main()
