@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from .labels import MASK_MODES, CLASS_WEIGHT_METHODS
 from .models import MODEL_NAMES
+from .metrics import LOSSES
 
 # %% auto #0
 __all__ = ['FIELDS', 'CHOICES', 'DEMO_DATA_KEYS', 'PRESETS', 'Config', 'ConfigError', 'suggest', 'check_keys', 'coerce',
@@ -67,6 +68,8 @@ class Config:
     model_kwargs: dict = _f(None, "extra keyword arguments for the model", factory=dict)
     aux_loss: bool = _f(False, "train the auxiliary head (DeepLabV3/FCN)")
     aux_weight: float = _f(0.5, "weight of the auxiliary loss")
+    loss: str = _f("ce", "training loss: ce, dice, focal, ce+dice or ce+focal (all leave ignored pixels out)")
+    focal_gamma: float = _f(2.0, "focusing power of the focal loss")
     class_weights: list | str | None = _f(None, "per-class loss weights: a list, a file (one a line), median-frequency or inverse")
     weights: str | None = _f(None, "whole-model weights: file or torchvision weights name (hub cache)")
     weights_backbone: str | None = _f(None, "backbone weights: file or torchvision weights name (hub cache)")
@@ -82,6 +85,7 @@ class Config:
     head_lr_mult: float = _f(1.0, "head learning-rate multiplier")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(1e-4, "weight decay (not on biases and norm weights)")
+    schedule: str = _f("poly", "learning-rate schedule after the warm-up, per optimizer step: poly or cosine")
     poly_power: float = _f(0.9, "poly learning-rate decay power, per optimizer step")
     warmup_steps: int = _f(0, "linear learning-rate warm-up, in optimizer steps")
     warmup_factor: float = _f(0.001, "learning-rate factor at the start of warm-up")
@@ -115,7 +119,7 @@ class ConfigError(ValueError):
 
 FIELDS = {f.name: f for f in fields(Config)}
 _HINTS = typing.get_type_hints(Config)
-CHOICES = {"optimizer": ("sgd", "adamw"), "amp": ("none", "bf16", "fp16"), "mask_mode": MASK_MODES + (None,),
+CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("poly", "cosine"), "loss": LOSSES, "amp": ("none", "bf16", "fp16"), "mask_mode": MASK_MODES + (None,),
            "best_metric": ("miou", "pixel_acc", "mean_acc", "mean_dice")}
 
 def suggest(key: str, valid) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from .data import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['ConfusionMatrix', 'SegmentationLoss']
+__all__ = ['LOSSES', 'ConfusionMatrix', 'SegmentationLoss']
 
 # %% ../nbs/04_metrics.ipynb #3a585cb4
 class ConfusionMatrix:
@@ -54,11 +54,15 @@ class ConfusionMatrix:
                 "iou": iou.tolist(), "dice": dice.tolist()}
 
 # %% ../nbs/04_metrics.ipynb #1c55596c
+LOSSES = ("ce", "dice", "focal", "ce+dice", "ce+focal")
+
 class SegmentationLoss(nn.Module):
-    "Cross-entropy ignoring `ignore_index`, plus `aux_weight` × the auxiliary head's loss; optional class weights."
-    def __init__(self, aux_weight: float = 0.5, class_weights=None, ignore_index: int = IGNORE_INDEX):
+    "Cross-entropy (or `kind`: dice, focal, ce+dice, ce+focal) ignoring `ignore_index`, plus `aux_weight` × the auxiliary head's loss."
+    def __init__(self, aux_weight: float = 0.5, class_weights=None, ignore_index: int = IGNORE_INDEX, kind: str = "ce",
+                 focal_gamma: float = 2.0):
         super().__init__()
-        self.aux_weight, self.ignore_index = aux_weight, ignore_index
+        if kind not in LOSSES: raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
+        self.aux_weight, self.ignore_index, self.kind, self.focal_gamma = aux_weight, ignore_index, kind, focal_gamma
         self.register_buffer("class_weights", None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32))
 
     def cross_entropy(self, logits, target):
@@ -69,7 +73,37 @@ class SegmentationLoss(nn.Module):
         count = valid.sum() if self.class_weights is None else self.class_weights[target[valid]].sum()
         return total / count.clamp(min=1)
 
+    def focal(self, logits, target):
+        "Cross-entropy of each labelled pixel times (1 - p_true)^gamma, averaged like `cross_entropy`."
+        target = target.long()
+        valid = target != self.ignore_index
+        safe = torch.where(valid, target, 0)
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+        weight = (1 - log_p.exp()).clamp(min=0) ** self.focal_gamma
+        if self.class_weights is not None: weight = weight * self.class_weights[safe]
+        count = valid.sum() if self.class_weights is None else self.class_weights[safe][valid].sum()
+        return (-(weight * log_p) * valid).sum() / count.clamp(min=1)
+
+    def dice(self, logits, target, eps: float = 1.0):
+        "1 - soft Dice, over the labelled pixels of the batch, averaged over the classes present in `target` (0 when none is)."
+        target = target.long()
+        valid = (target != self.ignore_index).unsqueeze(1)
+        probs = F.softmax(logits.float(), dim=1) * valid
+        truth = F.one_hot(torch.where(valid.squeeze(1), target, 0), logits.shape[1]).permute(0, 3, 1, 2) * valid
+        dims = (0, 2, 3)
+        score = (2 * (probs * truth).sum(dims) + eps) / (probs.sum(dims) + truth.sum(dims) + eps)
+        present = truth.sum(dims) > 0
+        return ((1 - score) * present).sum() / present.sum().clamp(min=1)
+
+    def single(self, logits, target):
+        "The loss of one head's logits."
+        parts = self.kind.split("+")
+        loss = self.cross_entropy(logits, target) if "ce" in parts else 0.0
+        if "dice" in parts: loss = loss + self.dice(logits, target)
+        if "focal" in parts: loss = loss + self.focal(logits, target)
+        return loss
+
     def forward(self, outputs: dict, target):
-        loss = self.cross_entropy(outputs["out"], target)
-        if self.aux_weight and "aux" in outputs: loss = loss + self.aux_weight * self.cross_entropy(outputs["aux"], target)
+        loss = self.single(outputs["out"], target)
+        if self.aux_weight and "aux" in outputs: loss = loss + self.aux_weight * self.single(outputs["aux"], target)
         return loss

@@ -5,6 +5,7 @@
 # %% ../nbs/08_train.ipynb #93eed3cf
 from __future__ import annotations
 import contextlib, copy, dataclasses, json, logging, math, os, socket, time
+from fastcore.basics import patch
 from pathlib import Path
 import torch
 from torch import nn
@@ -29,8 +30,9 @@ except ImportError: fcntl = None   # Windows: no run-folder lock
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'poly_lr_lambda', 'accumulation_group', 'RunDirError', 'NonFiniteLossError', 'holds_run', 'default_run_dir',
-           'plan_run', 'RunLock', 'check_shared_run_dir', 'prepare_data', 'Trainer', 'apply_debug', 'train', 'main']
+__all__ = ['log', 'poly_lr_lambda', 'cosine_lr_lambda', 'lr_lambda', 'accumulation_group', 'RunDirError', 'NonFiniteLossError',
+           'holds_run', 'default_run_dir', 'plan_run', 'RunLock', 'check_shared_run_dir', 'prepare_data', 'Trainer',
+           'apply_debug', 'train', 'main']
 
 # %% ../nbs/08_train.ipynb #a5df4f13
 def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0, warmup_factor: float = 1e-3):
@@ -41,14 +43,28 @@ def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0, 
         return max(1 - (t - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0) ** power
     return factor
 
-# %% ../nbs/08_train.ipynb #0a208828
+# %% ../nbs/08_train.ipynb #83cf4375
+def cosine_lr_lambda(total_steps: int, warmup_steps: int = 0, warmup_factor: float = 1e-3):
+    "Multiplier of the base lr at optimizer step `t`: linear warm-up, then half a cosine down to 0 at `total_steps`."
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    def factor(t: int) -> float:
+        if t < warmup_steps: return warmup_factor + (1 - warmup_factor) * t / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min((t - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)))
+    return factor
+
+def lr_lambda(cfg: Config, total_steps: int):
+    "The lr multiplier of `cfg.schedule` over `total_steps` optimizer steps."
+    if cfg.schedule == "cosine": return cosine_lr_lambda(total_steps, cfg.warmup_steps, cfg.warmup_factor)
+    return poly_lr_lambda(total_steps, cfg.poly_power, cfg.warmup_steps, cfg.warmup_factor)
+
+# %% ../nbs/08_train.ipynb #7887044b
 def accumulation_group(i: int, n: int, accumulate: int) -> tuple[int, bool]:
     "(size of the group of micro-batch `i` of `n`, whether `i` is its last) for `accumulate` micro-batches per step."
     start = i - i % accumulate
     size = min(accumulate, n - start)
     return size, i == start + size - 1
 
-# %% ../nbs/08_train.ipynb #5baca998
+# %% ../nbs/08_train.ipynb #7b334d96
 class RunDirError(SegkitError):
     "A run folder that cannot be used as asked; the message says what to do."
 
@@ -90,15 +106,22 @@ class RunLock:
         self.f = open(self.path, "a+")
         try: fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.f.seek(0); other = self.f.read().strip(); self.f.close()
+            self.f.seek(0)
+            other = self.f.read().strip()
+            self.f.close()
             raise RunDirError(f"{self.path.parent} is in use by another segkit process (pid {other or '?'}). "
                               "Wait for it to finish, or choose another --run-dir.") from None
-        self.f.seek(0); self.f.truncate(); self.f.write(str(os.getpid())); self.f.flush()
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(str(os.getpid()))
+        self.f.flush()
         return self
     def __exit__(self, *exc):
-        if self.f: fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
+        if self.f:
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+            self.f.close()
 
-# %% ../nbs/08_train.ipynb #77e5d1d0
+# %% ../nbs/08_train.ipynb #5b259c89
 def check_shared_run_dir(run_dir: Path, env: DistEnv):
     "Stop every rank with one clear line when some rank does not see the run folder rank 0 writes (nodes without shared storage)."
     if not env.distributed: return
@@ -114,7 +137,7 @@ def check_shared_run_dir(run_dir: Path, env: DistEnv):
                           f"{', '.join(blind)} cannot see it. Every node must see the same run folder: put --run-dir on storage "
                           "that all nodes mount (NFS or a cluster file system).")
 
-# %% ../nbs/08_train.ipynb #cb656aa6
+# %% ../nbs/08_train.ipynb #cd562515
 def _weights_file(path: Path) -> list:
     try: return [float(x) for x in path.read_text().replace(",", " ").split()]
     except ValueError: raise ConfigError(f"Class weights file {path} must hold one number per class (one a line).") from None
@@ -157,7 +180,7 @@ def prepare_data(cfg: Config, limit: int | None = None, device_type: str | None 
     train_ds.seed, val_ds.transforms = cfg.seed, eval_transforms(cfg.eval_size)
     return new, train_ds, val_ds, notes
 
-# %% ../nbs/08_train.ipynb #e586eb25
+# %% ../nbs/08_train.ipynb #97411468
 class Trainer:
     "Train a segmentation model as `cfg` says, in `run_dir`, as process `env` of a (possibly distributed) job."
     def __init__(self, cfg: Config, env: DistEnv, run_dir: Path):
@@ -176,20 +199,21 @@ class Trainer:
         if cfg.freeze_backbone: freeze_backbone(model)
         if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
         self.model = wrap_model(model, env, cfg.sync_bn)
-        self.criterion = SegmentationLoss(cfg.aux_weight, cfg.class_weights).to(self.device)
+        self.criterion = SegmentationLoss(cfg.aux_weight, cfg.class_weights, kind=cfg.loss, focal_gamma=cfg.focal_gamma).to(self.device)
         groups = param_groups(unwrap(self.model), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
         if cfg.optimizer == "sgd": self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         else: self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, poly_lr_lambda(self.total_steps, cfg.poly_power, cfg.warmup_steps, cfg.warmup_factor))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.epoch, self.batch_in_epoch, self.step, self.history = 0, 0, 0, []
         self.losses, self.epoch_loss = [], [0.0, 0]          # logged [step, mean loss]; this epoch's loss sum and count
         self.best = BestCheckpoints(self.ckpt_dir, cfg.keep_best, cfg.best_metric, "max")
         self.check_every = 1 if self.device.type == "cpu" else cfg.log_every
-        self._reset_loss(); self._reset_flag()
+        self._reset_loss()
+        self._reset_flag()
         seed_everything(derive_seed(cfg.seed, env.rank, 1))                # this rank's own stream from here on
         self.writer = self.mlflow = self.bar = None
         self.last_loss = float("nan")
@@ -211,221 +235,257 @@ class Trainer:
         self.train_loader = make_train_loader(train_ds, cfg.batch_size, cfg.seed, env.rank, env.world_size, cfg.num_workers, pin)
         self.val_loader = make_eval_loader(val_ds, cfg.eval_batch_size, env.rank, env.world_size, cfg.num_workers, pin)
 
-    # ---- state -------------------------------------------------------------------------------------------------
-    def state_dict(self, finished: bool = False) -> dict:
-        "Everything a resume needs. A collective: every rank must call it (it gathers the RNG states)."
-        rng = all_gather_object(get_rng_state())
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step, "rng": rng,
-                "world_size": self.env.world_size, "config": self.cfg.to_dict(), "classes": self.classes,
-                "num_classes": self.num_classes, "model_name": self.cfg.model, "best": self.best.state_dict(),
-                "labels": self.train_ds.labels.to_dict() if hasattr(self.train_ds, "labels") else None,
-                "metrics": self.history, "losses": self.losses, "epoch_loss": self.epoch_loss, "finished": finished,
-                "segkit_version": __version__}
+    def _reset_loss(self):
+        "Start a new sum of the loss (on the device)."
+        self.loss_sum, self.loss_n = torch.zeros((), device=self.device), 0
 
-    def load(self, ckpt: dict, source: Path):
-        "Resume from checkpoint `ckpt` (read from `source`)."
-        theirs = (ckpt.get("model_name"), ckpt.get("num_classes"))
-        if theirs != (self.cfg.model, self.num_classes):
-            raise CheckpointError(f"Checkpoint {source} is for model {theirs[0]} with {theirs[1]} classes, but this run builds "
-                                  f"{self.cfg.model} with {self.num_classes} classes. Resume with the same --model and data, "
-                                  "or start a new --run-dir.")
-        try: unwrap(self.model).load_state_dict(ckpt["model"])
-        except RuntimeError as e: raise CheckpointError(f"Checkpoint {source} does not fit the model: {str(e).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"]); self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
-        self.history, self.best.table = list(ckpt["metrics"]), [dict(r) for r in ckpt["best"]["table"]]
-        self.losses, self.epoch_loss = [list(x) for x in ckpt["losses"]], list(ckpt["epoch_loss"])
-        if ckpt["world_size"] == self.env.world_size: set_rng_state(ckpt["rng"][self.env.rank])
-        else: self._continue_other_world_size(ckpt)
+    def _reset_flag(self):
+        "Start a new non-finite flag (on the device), remembering up to which step the loss was checked."
+        self.nonfinite, self.checked_step = torch.zeros((), dtype=torch.bool, device=self.device), self.step
+
+# %% ../nbs/08_train.ipynb #b8830519
+@patch
+def state_dict(self: Trainer, finished: bool = False) -> dict:
+    "Everything a resume needs. A collective: every rank must call it (it gathers the RNG states)."
+    rng = all_gather_object(get_rng_state())
+    return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step, "rng": rng,
+            "world_size": self.env.world_size, "config": self.cfg.to_dict(), "classes": self.classes,
+            "num_classes": self.num_classes, "model_name": self.cfg.model, "best": self.best.state_dict(),
+            "labels": self.train_ds.labels.to_dict() if hasattr(self.train_ds, "labels") else None,
+            "metrics": self.history, "losses": self.losses, "epoch_loss": self.epoch_loss, "finished": finished,
+            "segkit_version": __version__}
+
+@patch
+def load(self: Trainer, ckpt: dict, source: Path):
+    "Resume from checkpoint `ckpt` (read from `source`)."
+    theirs = (ckpt.get("model_name"), ckpt.get("num_classes"))
+    if theirs != (self.cfg.model, self.num_classes):
+        raise CheckpointError(f"Checkpoint {source} is for model {theirs[0]} with {theirs[1]} classes, but this run builds "
+                              f"{self.cfg.model} with {self.num_classes} classes. Resume with the same --model and data, "
+                              "or start a new --run-dir.")
+    try: unwrap(self.model).load_state_dict(ckpt["model"])
+    except RuntimeError as e: raise CheckpointError(f"Checkpoint {source} does not fit the model: {str(e).splitlines()[0]}") from None
+    self.optimizer.load_state_dict(ckpt["optimizer"])
+    self.scheduler.load_state_dict(ckpt["scheduler"])
+    self.scaler.load_state_dict(ckpt["scaler"])
+    self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+    self.history, self.best.table = list(ckpt["metrics"]), [dict(r) for r in ckpt["best"]["table"]]
+    self.losses, self.epoch_loss = [list(x) for x in ckpt["losses"]], list(ckpt["epoch_loss"])
+    if ckpt["world_size"] == self.env.world_size: set_rng_state(ckpt["rng"][self.env.rank])
+    else: self._continue_other_world_size(ckpt)
+    if self.env.is_main:
+        self._write_metrics_file()
+        self.best.sync(source, self.step)
+    log.info(f"Resumed from {source}: epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {self.batches_per_epoch}, step {self.step}")
+
+@patch
+def _continue_other_world_size(self: Trainer, ckpt: dict):
+    "Map a checkpoint of another world size onto this one: the same samples of the epoch done, the same point of the schedule."
+    seen = ckpt["batch_in_epoch"] * ckpt["config"]["batch_size"] * ckpt["world_size"]    # the first `seen` of the epoch's order
+    group = self.cfg.batch_size * self.env.world_size * self.cfg.accumulate               # samples per optimizer step now
+    self.batch_in_epoch = min(seen // group * self.cfg.accumulate, self.batches_per_epoch)
+    self.step = self.epoch * self.steps_per_epoch + self.batch_in_epoch // self.cfg.accumulate
+    self.scheduler.last_epoch = self.step                                                # the schedule of this world size, at this step
+    for g, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+        g["lr"] = base * factor(self.step)
+    self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+    repeated = seen - self.batch_in_epoch * self.cfg.batch_size * self.env.world_size
+    log.warning(f"Resuming with {self.env.world_size} processes from a checkpoint of {ckpt['world_size']} (step {ckpt['step']}): the "
+                f"global batch is now {group} samples, so the run continues at step {self.step} of {self.total_steps} ({repeated} "
+                "sample(s) of this epoch are trained on twice). The schedule ends where it should, but the result is not "
+                "bit-identical to an uninterrupted run.")
+
+@patch
+def save_checkpoint(self: Trainer, finished: bool = False):
+    state = self.state_dict(finished)
+    if self.env.is_main:
+        atomic_save(state, self.ckpt_dir/"last.pt", keep_previous=self.ckpt_dir/"last-prev.pt")
+    barrier()
+
+@patch
+def _write_metrics_file(self: Trainer):
+    tmp = self.run_dir/".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+    os.replace(tmp, self.run_dir/"metrics.jsonl")
+
+# %% ../nbs/08_train.ipynb #6e096169
+@patch
+def check_loss(self: Trainer, epoch: int, log_it: bool = False):
+    "Sum the loss over ranks; stop on a non-finite loss; with `log_it`, log the mean loss since the last log and lr."
+    t = all_reduce_sum(torch.stack([self.loss_sum.float(), torch.tensor(float(self.loss_n), device=self.device), self.nonfinite.float()]))
+    first, last = self.checked_step + 1, self.step
+    if t[2] > 0:
+        where = f"step {last}" if first >= last else f"a step between {first} and {last}"
+        raise NonFiniteLossError(f"The loss became NaN or infinite at {where} (epoch {epoch + 1}). The run stopped; the last good "
+                                 f"checkpoint ({self.ckpt_dir/'last.pt'}) is kept. Lower --lr, set --clip-grad-norm, "
+                                 "or check the data.")
+    self._reset_flag()
+    if log_it and t[1] > 0:
+        loss, lr = float(t[0] / t[1]), self.optimizer.param_groups[0]["lr"]
+        self.losses.append([self.step, loss])
+        self.epoch_loss[0] += float(t[0])
+        self.epoch_loss[1] += int(t[1])
         if self.env.is_main:
-            self._write_metrics_file()
-            self.best.sync(source, self.step)
-        log.info(f"Resumed from {source}: epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {self.batches_per_epoch}, step {self.step}")
-
-    def _continue_other_world_size(self, ckpt: dict):
-        "Map a checkpoint of another world size onto this one: the same samples of the epoch done, the same point of the schedule."
-        seen = ckpt["batch_in_epoch"] * ckpt["config"]["batch_size"] * ckpt["world_size"]    # the first `seen` of the epoch's order
-        group = self.cfg.batch_size * self.env.world_size * self.cfg.accumulate               # samples per optimizer step now
-        self.batch_in_epoch = min(seen // group * self.cfg.accumulate, self.batches_per_epoch)
-        self.step = self.epoch * self.steps_per_epoch + self.batch_in_epoch // self.cfg.accumulate
-        self.scheduler.last_epoch = self.step                                                # the schedule of this world size, at this step
-        for g, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            g["lr"] = base * factor(self.step)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        repeated = seen - self.batch_in_epoch * self.cfg.batch_size * self.env.world_size
-        log.warning(f"Resuming with {self.env.world_size} processes from a checkpoint of {ckpt['world_size']} (step {ckpt['step']}): the "
-                    f"global batch is now {group} samples, so the run continues at step {self.step} of {self.total_steps} ({repeated} "
-                    "sample(s) of this epoch are trained on twice). The schedule ends where it should, but the result is not "
-                    "bit-identical to an uninterrupted run.")
-
-    def save_checkpoint(self, finished: bool = False):
-        state = self.state_dict(finished)
-        if self.env.is_main:
-            atomic_save(state, self.ckpt_dir/"last.pt", keep_previous=self.ckpt_dir/"last-prev.pt")
-        barrier()
-
-    def _write_metrics_file(self):
-        tmp = self.run_dir/".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        os.replace(tmp, self.run_dir/"metrics.jsonl")
-
-    # ---- loss bookkeeping ------------------------------------------------------------------------------------
-    def _reset_loss(self): self.loss_sum, self.loss_n = torch.zeros((), device=self.device), 0
-    def _reset_flag(self): self.nonfinite, self.checked_step = torch.zeros((), dtype=torch.bool, device=self.device), self.step
-
-    def check_loss(self, epoch: int, log_it: bool = False):
-        "Sum the loss over ranks; stop on a non-finite loss; with `log_it`, log the mean loss since the last log and lr."
-        t = all_reduce_sum(torch.stack([self.loss_sum.float(), torch.tensor(float(self.loss_n), device=self.device), self.nonfinite.float()]))
-        first, last = self.checked_step + 1, self.step
-        if t[2] > 0:
-            where = f"step {last}" if first >= last else f"a step between {first} and {last}"
-            raise NonFiniteLossError(f"The loss became NaN or infinite at {where} (epoch {epoch + 1}). The run stopped; the last good "
-                                     f"checkpoint ({self.ckpt_dir/'last.pt'}) is kept. Lower --lr, set --clip-grad-norm, "
-                                     "or check the data.")
-        self._reset_flag()
-        if log_it and t[1] > 0:
-            loss, lr = float(t[0] / t[1]), self.optimizer.param_groups[0]["lr"]
-            self.losses.append([self.step, loss]); self.epoch_loss[0] += float(t[0]); self.epoch_loss[1] += int(t[1])
-            if self.env.is_main:
-                if self.writer: self.writer.add_scalar("train/loss", loss, self.step); self.writer.add_scalar("train/lr", lr, self.step)
-                if self.mlflow: self.mlflow.log_metrics({"train_loss": loss, "lr": lr}, step=self.step)
-                if self.bar is not None: self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                log.debug(f"step {self.step} loss {loss:.4f} lr {lr:.3e}")
-            self.last_loss = loss
-            self._reset_loss()
-
-    # ---- training --------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int):
-        cfg, env = self.cfg, self.env
-        set_loader_epoch(self.train_loader, epoch, self.batch_in_epoch)
-        self.model.train()
-        if getattr(unwrap(self.model), "backbone_frozen", False): unwrap(self.model).backbone.eval()
-        n = self.batches_per_epoch
-        if env.is_main and cfg.progress:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=n, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for i, (images, masks) in enumerate(self.train_loader, start=self.batch_in_epoch):
-            size, closes = accumulation_group(i, n, cfg.accumulate)
-            x, y = to_input(images, self.device, cfg.channels_last, cfg.mean, cfg.std), masks.to(self.device, non_blocking=True).long()
-            sync = self.model.no_sync() if env.distributed and not closes else contextlib.nullcontext()
-            with sync:
-                with autocast(self.device, cfg.amp): loss = self.criterion(self.forward(x), y)
-                self.scaler.scale(loss / size).backward()
-            self.loss_sum += loss.detach().float(); self.loss_n += 1
-            self.nonfinite |= ~torch.isfinite(loss.detach())
-            if closes: self.optimizer_step(epoch, i + 1)
-            if self.bar is not None: self.bar.update(1)
-        if self.bar is not None: self.bar.close(); self.bar = None
-
-    def forward(self, x):
-        "The model on a training batch; a crop or batch too small for the model is the user's to fix, and said so."
-        try: return self.model(x)
-        except (RuntimeError, ValueError) as e:
-            msg = str(e).splitlines()[0]
-            if "too small" in msg or "Expected more than 1 value per channel" in msg:
-                raise ConfigError(f"{self.cfg.model} cannot train on {x.shape[-2]}x{x.shape[-1]} crops in batches of {x.shape[0]} ({msg}). "
-                                  "Use a larger --crop-size (a multiple of 32, at least 64 for DeepLabV3 and FCN) or a larger --batch-size.") from None
-            raise
-
-    def optimizer_step(self, epoch: int, batches_done: int):
-        cfg = self.cfg
-        if cfg.clip_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
-        self.scaler.step(self.optimizer); self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True); self.scheduler.step()
-        self.step += 1; self.batch_in_epoch = batches_done
-        log_it = self.step % cfg.log_every == 0
-        if log_it or self.step % self.check_every == 0: self.check_loss(epoch, log_it)
-        if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and batches_done < self.batches_per_epoch:
-            self.check_loss(epoch, log_it=True); self.save_checkpoint()
-
-    def evaluate(self, epoch: int) -> dict:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        cm, examples = evaluate_model(self.model, self.val_loader, self.num_classes, self.device, cfg.amp, cfg.channels_last,
-                                      keep_examples=4 if self.env.is_main else 0, mean=cfg.mean, std=cfg.std)
-        r = cm.compute()
-        record = {"epoch": epoch + 1, "step": self.step, "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1), "miou": r["miou"], "pixel_acc": r["pixel_acc"], "mean_acc": r["mean_acc"],
-                  "mean_dice": r["mean_dice"], "iou": {c: (v if v == v else None) for c, v in zip(self.classes, r["iou"])}}
-        self.history.append(record)
-        if self.env.is_main:
-            log.info(f"epoch {epoch + 1}: val mIoU {r['miou']:.4f}, pixel acc {r['pixel_acc']:.4f} "
-                     f"({len(self.val_ds)} images, {time.perf_counter() - t0:.1f} s)")
-            log.info("per-class IoU:\n" + format_iou_table(r, self.classes))
             if self.writer:
-                for k in ("miou", "pixel_acc", "mean_acc", "mean_dice"): self.writer.add_scalar(f"val/{k}", r[k], self.step)
-                for c, v in zip(self.classes, r["iou"]):
-                    if v == v: self.writer.add_scalar(f"val_iou/{c}", v, self.step)
-                if examples:
-                    from torchvision.utils import make_grid
-                    tiles = [t for img, m, p in examples for t in (self._picture(img), colorize(m, self.palette), colorize(p, self.palette))]
-                    h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
-                    tiles = [nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles]
-                    self.writer.add_image("val/input_truth_prediction", make_grid(tiles, nrow=3, padding=2), self.step)
-            if self.mlflow: self.mlflow.log_metrics({f"val_{k}": r[k] for k in ("miou", "pixel_acc", "mean_acc")}, step=self.step)
-        return record
+                self.writer.add_scalar("train/loss", loss, self.step)
+                self.writer.add_scalar("train/lr", lr, self.step)
+            if self.mlflow: self.mlflow.log_metrics({"train_loss": loss, "lr": lr}, step=self.step)
+            if self.bar is not None: self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            log.debug(f"step {self.step} loss {loss:.4f} lr {lr:.3e}")
+        self.last_loss = loss
+        self._reset_loss()
 
-    def _picture(self, img):
-        "An input image as a uint8 RGB picture."
-        img = img.clamp(0, 255).to(torch.uint8)
-        return img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)
+# %% ../nbs/08_train.ipynb #b2b9b0cf
+@patch
+def train_epoch(self: Trainer, epoch: int):
+    cfg, env = self.cfg, self.env
+    set_loader_epoch(self.train_loader, epoch, self.batch_in_epoch)
+    self.model.train()
+    if getattr(unwrap(self.model), "backbone_frozen", False): unwrap(self.model).backbone.eval()
+    n = self.batches_per_epoch
+    if env.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=n, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+    for i, (images, masks) in enumerate(self.train_loader, start=self.batch_in_epoch):
+        size, closes = accumulation_group(i, n, cfg.accumulate)
+        x, y = to_input(images, self.device, cfg.channels_last, cfg.mean, cfg.std), masks.to(self.device, non_blocking=True).long()
+        sync = self.model.no_sync() if env.distributed and not closes else contextlib.nullcontext()
+        with sync:
+            with autocast(self.device, cfg.amp): loss = self.criterion(self.forward(x), y)
+            self.scaler.scale(loss / size).backward()
+        self.loss_sum += loss.detach().float()
+        self.loss_n += 1
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+        if closes: self.optimizer_step(epoch, i + 1)
+        if self.bar is not None: self.bar.update(1)
+    if self.bar is not None:
+        self.bar.close()
+        self.bar = None
 
-    def _open_trackers(self):
-        if not self.env.is_main: return
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir/"tb"), purge_step=self.step + 1 if self.step else None)
-        if self.cfg.mlflow:
-            import mlflow
-            mlflow.set_tracking_uri((self.run_dir/"mlruns").resolve().as_uri())
-            mlflow.set_experiment("segkit"); mlflow.start_run(run_name=self.run_dir.name)
-            mlflow.log_params({k: v for k, v in self.cfg.to_dict().items() if v is not None and not isinstance(v, (dict, list))})
-            self.mlflow = mlflow
+@patch
+def forward(self: Trainer, x):
+    "The model on a training batch; a crop or batch too small for the model is the user's to fix, and said so."
+    try: return self.model(x)
+    except (RuntimeError, ValueError) as e:
+        msg = str(e).splitlines()[0]
+        if "too small" in msg or "Expected more than 1 value per channel" in msg:
+            raise ConfigError(f"{self.cfg.model} cannot train on {x.shape[-2]}x{x.shape[-1]} crops in batches of {x.shape[0]} ({msg}). "
+                              "Use a larger --crop-size (a multiple of 32, at least 64 for DeepLabV3 and FCN) or a larger --batch-size.") from None
+        raise
 
-    def _close_trackers(self):
-        if self.writer: self.writer.close()
-        if self.mlflow: self.mlflow.end_run()
+@patch
+def optimizer_step(self: Trainer, epoch: int, batches_done: int):
+    cfg = self.cfg
+    if cfg.clip_grad_norm:
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+    self.scaler.step(self.optimizer)
+    self.scaler.update()
+    self.optimizer.zero_grad(set_to_none=True)
+    self.scheduler.step()
+    self.step += 1
+    self.batch_in_epoch = batches_done
+    log_it = self.step % cfg.log_every == 0
+    if log_it or self.step % self.check_every == 0: self.check_loss(epoch, log_it)
+    if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and batches_done < self.batches_per_epoch:
+        self.check_loss(epoch, log_it=True)
+        self.save_checkpoint()
 
-    def fit(self) -> dict:
-        "Train from the current state to `cfg.epochs`; returns a summary."
-        cfg, env = self.cfg, self.env
-        t0 = time.perf_counter()
-        for note in self.data_notes: log.info(note)
-        log.info(f"Training {cfg.model} on {self.train_ds.name} ({len(self.train_ds)} images) / {self.val_ds.name} "
-                 f"({len(self.val_ds)}), {self.num_classes} classes, device {self.device}, {env.world_size} process(es)")
-        log.info(f"Batch {cfg.batch_size} per process x {env.world_size} process(es) x {cfg.accumulate} accumulation = "
-                 f"global batch {cfg.batch_size * env.world_size * cfg.accumulate}; {self.steps_per_epoch} optimizer steps per epoch, "
-                 f"{self.total_steps} in all; amp {cfg.amp}")
-        self._open_trackers()
-        try:
-            for epoch in range(self.epoch, cfg.epochs):
-                if self.batch_in_epoch == 0: self.epoch_loss = [0.0, 0]
-                self.train_epoch(epoch)
-                self.check_loss(epoch, log_it=True)
-                self.epoch, self.batch_in_epoch = epoch + 1, 0
-                record = None
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or cfg.debug: record = self.evaluate(epoch)
-                new_best = self.best.update(record[cfg.best_metric], epoch + 1, self.step) if record and env.is_main else None
-                self.save_checkpoint(finished=self.epoch >= cfg.epochs)
-                if env.is_main:
-                    if record: self._write_metrics_file()
-                    self.best.commit(self.ckpt_dir/"last.pt")
-                    log.info(f"epoch {epoch + 1}/{cfg.epochs} done: step {self.step}, train loss {self.last_loss:.4f}, "
-                             f"{time.perf_counter() - t0:.0f} s" + (f"; new best {new_best}" if new_best else ""))
-        finally:
-            self._close_trackers()
-        return self.summary(time.perf_counter() - t0)
+# %% ../nbs/08_train.ipynb #8c269dfc
+@patch
+def evaluate(self: Trainer, epoch: int) -> dict:
+    cfg = self.cfg
+    t0 = time.perf_counter()
+    cm, examples = evaluate_model(self.model, self.val_loader, self.num_classes, self.device, cfg.amp, cfg.channels_last,
+                                  keep_examples=4 if self.env.is_main else 0, mean=cfg.mean, std=cfg.std)
+    r = cm.compute()
+    record = {"epoch": epoch + 1, "step": self.step, "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1), "miou": r["miou"], "pixel_acc": r["pixel_acc"], "mean_acc": r["mean_acc"],
+              "mean_dice": r["mean_dice"], "iou": {c: (v if v == v else None) for c, v in zip(self.classes, r["iou"])}}
+    self.history.append(record)
+    if self.env.is_main:
+        log.info(f"epoch {epoch + 1}: val mIoU {r['miou']:.4f}, pixel acc {r['pixel_acc']:.4f} "
+                 f"({len(self.val_ds)} images, {time.perf_counter() - t0:.1f} s)")
+        log.info("per-class IoU:\n" + format_iou_table(r, self.classes))
+        if self.writer:
+            for k in ("miou", "pixel_acc", "mean_acc", "mean_dice"): self.writer.add_scalar(f"val/{k}", r[k], self.step)
+            for c, v in zip(self.classes, r["iou"]):
+                if v == v: self.writer.add_scalar(f"val_iou/{c}", v, self.step)
+            if examples:
+                from torchvision.utils import make_grid
+                tiles = [t for img, m, p in examples for t in (self._picture(img), colorize(m, self.palette), colorize(p, self.palette))]
+                h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+                tiles = [nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles]
+                self.writer.add_image("val/input_truth_prediction", make_grid(tiles, nrow=3, padding=2), self.step)
+        if self.mlflow: self.mlflow.log_metrics({f"val_{k}": r[k] for k in ("miou", "pixel_acc", "mean_acc")}, step=self.step)
+    return record
 
-    def summary(self, seconds: float = 0.0) -> dict:
-        last = self.history[-1] if self.history else {}
-        return {"run_dir": str(self.run_dir), "epoch": self.epoch, "step": self.step, "miou": last.get("miou"),
-                "best": [dict(r) for r in self.best.table], "finished": self.epoch >= self.cfg.epochs, "seconds": seconds}
+@patch
+def _picture(self: Trainer, img):
+    "An input image as a uint8 RGB picture."
+    img = img.clamp(0, 255).to(torch.uint8)
+    return img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)
 
-# %% ../nbs/08_train.ipynb #97411468
+# %% ../nbs/08_train.ipynb #e1fe1062
+@patch
+def _open_trackers(self: Trainer):
+    if not self.env.is_main: return
+    if self.cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(self.run_dir/"tb"), purge_step=self.step + 1 if self.step else None)
+    if self.cfg.mlflow:
+        import mlflow
+        mlflow.set_tracking_uri((self.run_dir/"mlruns").resolve().as_uri())
+        mlflow.set_experiment("segkit")
+        mlflow.start_run(run_name=self.run_dir.name)
+        mlflow.log_params({k: v for k, v in self.cfg.to_dict().items() if v is not None and not isinstance(v, (dict, list))})
+        self.mlflow = mlflow
+
+@patch
+def _close_trackers(self: Trainer):
+    if self.writer: self.writer.close()
+    if self.mlflow: self.mlflow.end_run()
+
+# %% ../nbs/08_train.ipynb #6b52bba2
+@patch
+def fit(self: Trainer) -> dict:
+    "Train from the current state to `cfg.epochs`; returns a summary."
+    cfg, env = self.cfg, self.env
+    t0 = time.perf_counter()
+    for note in self.data_notes: log.info(note)
+    log.info(f"Training {cfg.model} on {self.train_ds.name} ({len(self.train_ds)} images) / {self.val_ds.name} "
+             f"({len(self.val_ds)}), {self.num_classes} classes, device {self.device}, {env.world_size} process(es)")
+    log.info(f"Batch {cfg.batch_size} per process x {env.world_size} process(es) x {cfg.accumulate} accumulation = "
+             f"global batch {cfg.batch_size * env.world_size * cfg.accumulate}; {self.steps_per_epoch} optimizer steps per epoch, "
+             f"{self.total_steps} in all, {cfg.schedule} lr schedule; amp {cfg.amp}")
+    self._open_trackers()
+    try:
+        for epoch in range(self.epoch, cfg.epochs):
+            if self.batch_in_epoch == 0: self.epoch_loss = [0.0, 0]
+            self.train_epoch(epoch)
+            self.check_loss(epoch, log_it=True)
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
+            record = None
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or cfg.debug: record = self.evaluate(epoch)
+            new_best = self.best.update(record[cfg.best_metric], epoch + 1, self.step) if record and env.is_main else None
+            self.save_checkpoint(finished=self.epoch >= cfg.epochs)
+            if env.is_main:
+                if record: self._write_metrics_file()
+                self.best.commit(self.ckpt_dir/"last.pt")
+                log.info(f"epoch {epoch + 1}/{cfg.epochs} done: step {self.step}, train loss {self.last_loss:.4f}, "
+                         f"{time.perf_counter() - t0:.0f} s" + (f"; new best {new_best}" if new_best else ""))
+    finally:
+        self._close_trackers()
+    return self.summary(time.perf_counter() - t0)
+
+@patch
+def summary(self: Trainer, seconds: float = 0.0) -> dict:
+    last = self.history[-1] if self.history else {}
+    return {"run_dir": str(self.run_dir), "epoch": self.epoch, "step": self.step, "miou": last.get("miou"),
+            "best": [dict(r) for r in self.best.table], "finished": self.epoch >= self.cfg.epochs, "seconds": seconds}
+
+# %% ../nbs/08_train.ipynb #5ba6498b
 def apply_debug(cfg: Config, world_size: int = 1) -> Config:
     "Debug mode: `debug_samples` per split, 2 epochs, evaluation and checkpoint every epoch, no workers; batch, accumulation and crop shrunk to fit."
     if not cfg.debug: return cfg
@@ -487,14 +547,17 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
                     (run_dir/"class_weights.json").write_text(json.dumps(dict(zip(map(str, trainer.classes), trainer.cfg.class_weights)), indent=1))
             if ckpt is not None: trainer.load(ckpt, resume_from)
             elif env.is_main:                                     # a fresh start: clear what an interrupted start left
-                trainer._write_metrics_file(); trainer.best.sync()
+                trainer._write_metrics_file()
+                trainer.best.sync()
             summary = trainer.fit()
             if env.is_main: log.info(f"Finished: {summary['epoch']} epochs, {summary['step']} steps, val mIoU {summary['miou']:.4f}, "
                                      f"{summary['seconds']:.0f} s; run folder {run_dir}")
             return summary
     finally:
         for h in list(log.handlers):
-            if isinstance(h, logging.FileHandler): log.removeHandler(h); h.close()
+            if isinstance(h, logging.FileHandler):
+                log.removeHandler(h)
+                h.close()
         cleanup_distributed()
 
 def _train_cli(argv=None):
@@ -502,12 +565,13 @@ def _train_cli(argv=None):
     if print_only:
         cfg = apply_debug(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         cfg = prepare_data(cfg, cfg.debug_samples if cfg.debug else None)[0]
-        print(format_config(cfg), end=""); return
+        print(format_config(cfg), end="")
+        return
     summary = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0 and summary.get("miou") is not None: print(f"mIoU: {summary['miou']:.4f}")
 
 def main(argv=None): exit_process(run_cli(_train_cli, argv))
 
-# %% ../nbs/08_train.ipynb #8cbca77b
+# %% ../nbs/08_train.ipynb #6d1ea710
 #| eval: false
 if __name__ == "__main__": main()
