@@ -219,8 +219,8 @@ PRESETS = {
     "voc_deeplabv3_resnet101": dict(_VOC),
     "voc_sbd_deeplabv3_resnet101": dict(_VOC),
     "membrane_unet": dict(model="unet", classes=["membrane", "cell"], mask_mode="binary",
-                          val_split=6, crop_size=256, base_size=512, scale_min=0.5, scale_max=1.0,
-                          epochs=24, batch_size=4, optimizer="adamw", lr=0.003, warmup_steps=10, num_workers=1, eval_every=4),
+                          val_split=6, crop_size=256, base_size=512, scale_min=1.0, scale_max=1.0,
+                          epochs=80, batch_size=4, optimizer="adamw", lr=0.003, warmup_steps=10, num_workers=1, eval_every=4),
 }
 
 # %% ../nbs/07_config.ipynb #95a3a7b7
