@@ -81,7 +81,7 @@ def exit_process(code: int = 0):
 
 # %% ../nbs/06_distributed.ipynb #b21d9145
 def attempt_store(environ, timeout: datetime.timedelta | None = None):
-    "The store for this torchrun attempt's process group: torch's env:// store under a prefix of its own, or None where torch's default is safe."
+    "The store for this torchrun attempt's process group: a client of torchrun's store under a prefix of its own, or None where torch's default is safe."
     if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True": return None     # not under torchrun, or a fresh store per attempt already
     if int(environ.get("GROUP_WORLD_SIZE", "1")) > 1: return None              # several launchers: their restart counts differ (see the warning)
     store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), int(environ["WORLD_SIZE"]), is_master=False,

@@ -129,8 +129,12 @@ def check_shared_run_dir(run_dir: Path, env: DistEnv):
     token = broadcast_object(f"{socket.gethostname()} {os.getpid()} {time.time_ns()}" if env.is_main else None)
     if env.is_main: marker.write_text(token)
     barrier()
-    try: sees = marker.read_text() == token
-    except OSError: sees = False
+    deadline = time.time() + 10                        # a network file system may show a new file to other nodes a little later
+    while True:
+        try: sees = marker.read_text() == token
+        except OSError: sees = False
+        if sees or time.time() > deadline: break
+        time.sleep(0.5)
     blind = [f"{rank} (on {host})" for rank, (ok, host) in enumerate(all_gather_object((sees, socket.gethostname()))) if not ok]
     if blind:
         raise RunDirError(f"The run folder {Path(run_dir).resolve()} is not shared: rank 0 wrote {marker.name} in it, but rank(s) "
