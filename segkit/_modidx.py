@@ -321,4 +321,5 @@ d = { 'settings': { 'branch': 'main',
                               'segkit.train.plan_run': ('train.html#plan_run', 'segkit/train.py'),
                               'segkit.train.poly_lr_lambda': ('train.html#poly_lr_lambda', 'segkit/train.py'),
                               'segkit.train.prepare_data': ('train.html#prepare_data', 'segkit/train.py'),
-                              'segkit.train.train': ('train.html#train', 'segkit/train.py')}}}
+                              'segkit.train.train': ('train.html#train', 'segkit/train.py'),
+                              'segkit.train.warmup_then': ('train.html#warmup_then', 'segkit/train.py')}}}

@@ -189,7 +189,7 @@ def validate(cfg: Config) -> Config:
                           f"of weights.{suggest(cfg.class_weights, CLASS_WEIGHT_METHODS)}")
     if cfg.ignore_index is not None and not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535 for v in cfg.ignore_index):
         raise ConfigError(f"Config key 'ignore_index' takes mask values (whole numbers), got {cfg.ignore_index!r}.")
-    for k in ("num_workers", "checkpoint_every_steps", "keep_best", "warmup_steps"):
+    for k in ("num_workers", "checkpoint_every_steps", "keep_best", "warmup_steps", "focal_gamma"):
         if getattr(cfg, k) < 0: raise ConfigError(f"Config key {k!r} must be 0 or more, got {getattr(cfg, k)}.")
     if not 0 < cfg.lr < 10: raise ConfigError(f"Config key 'lr' must be in (0, 10), got {cfg.lr}.")
     if cfg.dist_timeout <= 0: raise ConfigError(f"Config key 'dist_timeout' must be positive (seconds), got {cfg.dist_timeout}.")

@@ -30,27 +30,27 @@ except ImportError: fcntl = None   # Windows: no run-folder lock
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'poly_lr_lambda', 'cosine_lr_lambda', 'lr_lambda', 'accumulation_group', 'RunDirError', 'NonFiniteLossError',
-           'holds_run', 'default_run_dir', 'plan_run', 'RunLock', 'check_shared_run_dir', 'prepare_data', 'Trainer',
-           'apply_debug', 'train', 'main']
+__all__ = ['log', 'warmup_then', 'poly_lr_lambda', 'cosine_lr_lambda', 'lr_lambda', 'accumulation_group', 'RunDirError',
+           'NonFiniteLossError', 'holds_run', 'default_run_dir', 'plan_run', 'RunLock', 'check_shared_run_dir',
+           'prepare_data', 'Trainer', 'apply_debug', 'train', 'main']
 
 # %% ../nbs/08_train.ipynb #a5df4f13
-def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0, warmup_factor: float = 1e-3):
-    "Multiplier of the base lr at optimizer step `t`: linear warm-up, then poly decay to 0 at `total_steps`."
+def warmup_then(decay, total_steps: int, warmup_steps: int = 0, warmup_factor: float = 1e-3):
+    "Multiplier of the base lr at optimizer step `t`: linear warm-up, then `decay(x)` with x going from 0 to 1 over the remaining steps."
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     def factor(t: int) -> float:
         if t < warmup_steps: return warmup_factor + (1 - warmup_factor) * t / warmup_steps
-        return max(1 - (t - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0) ** power
+        return decay(min((t - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0))
     return factor
+
+def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0, warmup_factor: float = 1e-3):
+    "Linear warm-up, then poly decay `(1 - x)^power` to 0 at `total_steps`."
+    return warmup_then(lambda x: (1 - x) ** power, total_steps, warmup_steps, warmup_factor)
 
 # %% ../nbs/08_train.ipynb #83cf4375
 def cosine_lr_lambda(total_steps: int, warmup_steps: int = 0, warmup_factor: float = 1e-3):
-    "Multiplier of the base lr at optimizer step `t`: linear warm-up, then half a cosine down to 0 at `total_steps`."
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    def factor(t: int) -> float:
-        if t < warmup_steps: return warmup_factor + (1 - warmup_factor) * t / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min((t - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)))
-    return factor
+    "Linear warm-up, then half a cosine, `(1 + cos(pi x)) / 2`, down to 0 at `total_steps`."
+    return warmup_then(lambda x: 0.5 * (1 + math.cos(math.pi * x)), total_steps, warmup_steps, warmup_factor)
 
 def lr_lambda(cfg: Config, total_steps: int):
     "The lr multiplier of `cfg.schedule` over `total_steps` optimizer steps."
