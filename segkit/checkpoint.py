@@ -51,13 +51,14 @@ def atomic_save(obj, path, keep_previous=None) -> Path:
         _fsync_dir(path.parent)
     except BaseException as e:
         written = tmp.stat().st_size if tmp.exists() else 0
+        free_at_failure = shutil.disk_usage(path.parent).free if path.parent.exists() else 0   # before the partial file goes
         tmp.unlink(missing_ok=True)
         # torch.save's zip writer reports a short write as RuntimeError ("unexpected pos", "file write failed")
         short_write = isinstance(e, RuntimeError) and any(t in str(e) for t in ("unexpected pos", "file write failed", "PytorchStreamWriter failed"))
         if isinstance(e, OSError) or short_write:
             free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
             need = max(path.stat().st_size if path.exists() else 0, written)
-            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or short_write and free < max(need, 1 << 20)
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or short_write and free_at_failure < max(need, 1 << 20)
             what = (f"No space left on the device holding {path.parent} ({byte_size(free)} free; the checkpoint needs about "
                     f"{byte_size(need)})") if full else f"Could not write {path} ({e})"
             raise CheckpointError(f"{what}. The previous checkpoint is intact and no temporary file is left; free some space "
