@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 from .data import IGNORE_INDEX, voc_palette
 
 # %% auto #0
-__all__ = ['FILL', 'SegmentationTransform', 'PadToSize', 'train_transforms', 'eval_transforms', 'overlay', 'show_batch']
+__all__ = ['FILL', 'SegmentationTransform', 'PadToSize', 'train_transforms', 'overlay', 'show_batch']
 
 # %% ../nbs/02_augment.ipynb #729c5aa7
 class SegmentationTransform:
@@ -27,7 +27,8 @@ FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
 class PadToSize(v2.Transform):
     "Pad right/bottom to at least `size` (int or (h, w)): images with 0, masks with 255."
     def __init__(self, size):
-        super().__init__(); self.size = (size, size) if isinstance(size, int) else tuple(size)
+        super().__init__()
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
     def make_params(self, flat_inputs):
         h, w = v2.functional.get_size(flat_inputs[0])
         return dict(padding=[0, 0, max(self.size[1] - w, 0), max(self.size[0] - h, 0)])
@@ -45,11 +46,6 @@ def train_transforms(crop_size=480, base_size=520, scale=(0.5, 2.0), hflip=0.5, 
     if blur: steps.append(v2.RandomApply([v2.GaussianBlur(5, (0.1, 2.0))], p=blur))
     return SegmentationTransform(*steps)
 
-def eval_transforms(size: int | None = None) -> SegmentationTransform | None:
-    "No change (full image) when `size` is None; else resize the longer side to `size` and pad to `size`×`size`."
-    if size is None: return None
-    return SegmentationTransform(v2.Resize(size=None, max_size=size, antialias=True), PadToSize(size))
-
 # %% ../nbs/02_augment.ipynb #d3f46d2f
 def overlay(image, mask, alpha=0.5, palette=None):
     "Blend a mask's palette colours over a uint8 image `[3,H,W]`; returns an `[H,W,3]` uint8 array."
@@ -62,7 +58,8 @@ def overlay(image, mask, alpha=0.5, palette=None):
 def show_batch(images, masks, classes=None, ncols=4, figsize_per=3.0):
     "Show images with their masks overlaid; returns the matplotlib figure."
     import matplotlib.pyplot as plt
-    n = len(images); nrows = (n + ncols - 1) // ncols
+    n = len(images)
+    nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(figsize_per * ncols, figsize_per * nrows), squeeze=False)
     for ax in axes.flat: ax.axis("off")
     for ax, img, m in zip(axes.flat, images, masks):

@@ -4,15 +4,17 @@
 
 # %% ../nbs/05_checkpoint.ipynb #fbb2add1
 from __future__ import annotations
-import errno, json, logging, math, os, pickle, re, shutil
+import argparse, errno, json, logging, math, os, pickle, re, shutil, sys
 from pathlib import Path
 import torch
 
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'MODEL_KEYS', 'CheckpointError', 'byte_size', 'link_or_copy', 'atomic_save', 'load_checkpoint',
-           'checkpoint_files', 'find_resume_checkpoint', 'BestCheckpoints', 'export_weights']
+__all__ = ['log', 'MODEL_KEYS', 'WEIGHT_CHOICES', 'CheckpointError', 'byte_size', 'link_or_copy', 'atomic_save',
+           'load_checkpoint', 'checkpoint_files', 'find_resume_checkpoint', 'BestCheckpoints', 'checkpoint_weights',
+           'weights_file', 'export_weights', 'average_checkpoints', 'best_checkpoints', 'recompute_bn', 'build_parser',
+           'main']
 
 # %% ../nbs/05_checkpoint.ipynb #8df105f8
 class CheckpointError(RuntimeError):
@@ -33,18 +35,22 @@ def byte_size(n: int) -> str:
 
 def link_or_copy(src, dst):
     "Hard-link `src` to `dst` (same data, no extra space), or copy it where links are not possible."
-    dst = Path(dst); dst.unlink(missing_ok=True)
+    dst = Path(dst)
+    dst.unlink(missing_ok=True)
     try: os.link(src, dst)
     except OSError: shutil.copy2(src, dst)
     return dst
 
 def atomic_save(obj, path, keep_previous=None) -> Path:
     "`torch.save` to `path` through a temporary file, fsync and rename; the old file is kept as `keep_previous` if given."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         if keep_previous is not None and path.exists():       # a second name for the old file; `path` itself never goes away
             os.replace(link_or_copy(path, path.with_name(f".{Path(keep_previous).name}.tmp-{os.getpid()}")), keep_previous)
         os.replace(tmp, path)
@@ -97,7 +103,8 @@ def find_resume_checkpoint(ckpt_dir) -> tuple[Path, dict] | None:
     for p in checkpoint_files(ckpt_dir):
         try: ckpt = load_checkpoint(p)
         except CheckpointError as e:
-            log.warning(f"Skipping {p.name}: {e}"); continue
+            log.warning(f"Skipping {p.name}: {e}")
+            continue
         if "optimizer" in ckpt and "step" in ckpt: return p, ckpt
     return None
 
@@ -144,7 +151,9 @@ class BestCheckpoints:
         "Make the folder match the table after a resume from checkpoint `source` taken at `step`."
         known = {r["file"] for r in self.table}
         for p in self.dir.glob("best-*.pt"):
-            if p.name not in known: log.info(f"Removing {p.name}: written after the checkpoint this run resumed from"); p.unlink()
+            if p.name not in known:
+                log.info(f"Removing {p.name}: written after the checkpoint this run resumed from")
+                p.unlink()
         for r in self.table:
             if not (self.dir/r["file"]).exists():
                 if source is not None and r["step"] == step: link_or_copy(source, self.dir/r["file"])
@@ -155,15 +164,125 @@ class BestCheckpoints:
     def load_state_dict(self, sd): self.table = [dict(r) for r in sd["table"]]
 
 # %% ../nbs/05_checkpoint.ipynb #2c086b64
-MODEL_KEYS = ("model", "num_classes", "classes", "aux_loss", "model_kwargs", "in_channels", "mean", "std", "eval_size", "channels_last",
+MODEL_KEYS = ("model", "num_classes", "classes", "aux_loss", "model_kwargs", "in_channels", "mean", "std", "channels_last", "crop_size",
+              "eval_size", "eval_mode", "eval_crop", "eval_stride", "eval_flip", "eval_scales", "ema_decay", "eval_ema",
               "mask_mode", "ignore_index", "label_map", "reduce_zero_label", "image_suffix", "mask_suffix", "val_split", "seed")
 
-def export_weights(ckpt_path, out_path) -> Path:
-    "Write a weights-only file (model state dict + how to build the model) from a training checkpoint."
-    ckpt = load_checkpoint(ckpt_path)
+WEIGHT_CHOICES = ("auto", "raw", "ema")
+
+def checkpoint_weights(ckpt: dict, which: str = "auto", source="the checkpoint") -> dict:
+    "The state dict inference uses: `raw`, `ema`, or `auto` (the EMA weights when the run was scored with them, else the raw ones)."
+    if which not in WEIGHT_CHOICES: raise CheckpointError(f"--model-weights {which!r} is not one of: {', '.join(WEIGHT_CHOICES)}.")
+    ema = (ckpt.get("ema") or {}).get("model")
+    if which == "ema" and ema is None:
+        raise CheckpointError(f"{source} has no EMA weights (it was trained without --ema-decay); use --model-weights raw.")
+    use_ema = which == "ema" or (which == "auto" and ema is not None and (ckpt.get("config") or {}).get("eval_ema"))
+    return ema if use_ema else ckpt["model"]
+
+def weights_file(ckpt: dict, state: dict, **extra) -> dict:
+    "A weights-only file: `state` and what is needed to rebuild and feed the model of checkpoint `ckpt`."
     cfg = ckpt.get("config", {})
-    out = {"model": ckpt["model"], "config": {k: cfg.get(k) for k in MODEL_KEYS if k in cfg},
-           "classes": list(ckpt.get("classes", [])), "labels": ckpt.get("labels"), "format": "segkit-weights-1"}
+    return {"model": state, "config": {k: cfg.get(k) for k in MODEL_KEYS if k in cfg}, "classes": list(ckpt.get("classes", [])),
+            "labels": ckpt.get("labels"), "format": "segkit-weights-1", **extra}
+
+def _new_file(out_path) -> Path:
     out_path = Path(out_path)
     if out_path.exists(): raise CheckpointError(f"{out_path} exists; segkit does not overwrite it. Choose another name.")
-    return atomic_save(out, out_path)
+    return out_path
+
+def export_weights(ckpt_path, out_path, which: str = "auto") -> Path:
+    "Write a weights-only file (model state dict + how to build the model) from a training checkpoint."
+    ckpt = load_checkpoint(ckpt_path)
+    return atomic_save(weights_file(ckpt, checkpoint_weights(ckpt, which, ckpt_path)), _new_file(out_path))
+
+# %% ../nbs/05_checkpoint.ipynb #59bbd543
+def average_checkpoints(paths, which: str = "auto") -> dict:
+    "A weights file whose model is the mean of the checkpoints' weights (floating-point tensors; others from the last file)."
+    if len(paths) < 1: raise CheckpointError("Give at least one checkpoint to average.")
+    ckpts = [load_checkpoint(p) for p in paths]
+    states = [checkpoint_weights(c, which, p) for c, p in zip(ckpts, paths)]
+    first_name = (ckpts[0].get("config") or {}).get("model")
+    for c, st, p in zip(ckpts[1:], states[1:], paths[1:]):
+        name = (c.get("config") or {}).get("model")
+        if name != first_name or st.keys() != states[0].keys() or any(v.shape != states[0][k].shape for k, v in st.items()):
+            raise CheckpointError(f"{p} holds another model ({name}) than {paths[0]} ({first_name}): average checkpoints of one run, or of runs of the same model.")
+    avg = {}
+    for k, v in states[-1].items():
+        if v.dtype.is_floating_point: avg[k] = (sum(st[k].double() for st in states) / len(states)).to(v.dtype)
+        else: avg[k] = v.clone()
+    return weights_file(ckpts[-1], avg, averaged_from=[str(p) for p in paths])
+
+def best_checkpoints(run_dir, n: int) -> list[Path]:
+    "The best `n` checkpoint files of a run folder, best first (from its `checkpoints/best.json`)."
+    table = Path(run_dir)/"checkpoints"/"best.json"
+    if not table.is_file(): raise CheckpointError(f"{table} not found: --best needs a run folder of segkit.train with best checkpoints.")
+    files = [table.parent/r["file"] for r in json.loads(table.read_text())["best"]][:n]
+    if len(files) < n: log.warning(f"{run_dir} keeps {len(files)} best checkpoint(s); averaging those.")
+    return files
+
+# %% ../nbs/05_checkpoint.ipynb #f2c6dc46
+@torch.no_grad()
+def recompute_bn(weights: dict, ckpt: dict, steps: int, device="cpu") -> dict:
+    "Weights file `weights` with BatchNorm statistics measured again on `steps` training batches of checkpoint `ckpt`'s run."
+    from segkit.models import get_model
+    from segkit.config import Config, make_config
+    from segkit.train import prepare_data
+    from segkit.data import make_train_loader
+    from segkit.runtime import to_input
+    known = set(Config.__dataclass_fields__)
+    cfg = make_config({k: v for k, v in (ckpt.get("config") or {}).items() if k in known and k not in ("resume", "preset")})
+    cfg, train_ds, _, _ = prepare_data(cfg, device_type=torch.device(device).type)
+    model = get_model(cfg.model, len(weights["classes"]), cfg.aux_loss, in_channels=cfg.in_channels, **cfg.model_kwargs)
+    model.load_state_dict(weights["model"])
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        log.info("The model has no BatchNorm layers: nothing to recompute.")
+        return weights
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.to(device).train()
+    loader = make_train_loader(train_ds, min(cfg.batch_size, len(train_ds)), cfg.seed, num_workers=0)
+    done = 0
+    while done < steps:
+        for images, _ in loader:
+            model(to_input(images, device, mean=cfg.mean, std=cfg.std))
+            done += 1
+            if done == steps: break
+    return {**weights, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "bn_recomputed_steps": steps}
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m segkit.checkpoint", description="Checkpoint tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("average", help="average the weights of several checkpoints into one weights file")
+    a.add_argument("checkpoints", nargs="*", help="checkpoint files (training checkpoints or weights files)")
+    a.add_argument("--best", nargs=2, metavar=("N", "RUN_DIR"), help="the best N checkpoints of a run folder")
+    a.add_argument("--output", required=True, help="the weights file to write (never overwritten)")
+    a.add_argument("--model-weights", default="auto", choices=WEIGHT_CHOICES, help="which weights of each file: auto (EMA if the run was scored with it), raw or ema")
+    a.add_argument("--recompute-bn", type=int, default=0, metavar="STEPS", help="measure BatchNorm statistics again on STEPS training batches")
+    a.add_argument("--device", default="cpu")
+    return p
+
+def _checkpoint_cli(argv=None):
+    from segkit.config import ConfigError
+    args = build_parser().parse_args(argv)
+    paths = [Path(p) for p in args.checkpoints]
+    if args.best:
+        if not args.best[0].isdigit() or int(args.best[0]) < 1: raise ConfigError(f"--best N RUN_DIR: N must be a positive whole number, got {args.best[0]!r}.")
+        paths += best_checkpoints(args.best[1], int(args.best[0]))
+    if not paths: raise ConfigError("Give checkpoint files to average, or --best N RUN_DIR.")
+    out = _new_file(args.output)
+    weights = average_checkpoints(paths, args.model_weights)
+    if args.recompute_bn: weights = recompute_bn(weights, load_checkpoint(paths[-1]), args.recompute_bn, args.device)
+    atomic_save(weights, out)
+    print(f"averaged {len(paths)} checkpoint(s) into {out}" + (f" (BatchNorm statistics from {args.recompute_bn} batches)" if args.recompute_bn else ""))
+
+def main(argv=None):
+    from segkit.runtime import run_cli
+    sys.exit(run_cli(_checkpoint_cli, argv))
+
+# %% ../nbs/05_checkpoint.ipynb #f5b31d2d
+#| eval: false
+if __name__ == "__main__":
+    from segkit.checkpoint import main as package_main       # run as the package's module, so that its errors are the ones run_cli knows
+    package_main()

@@ -62,7 +62,12 @@ class Config:
     hflip: float = _f(0.5, "horizontal flip probability")
     color_jitter: float = _f(0.0, "colour jitter strength (0 = off)")
     blur: float = _f(0.0, "probability of a Gaussian blur")
-    eval_size: int | None = _f(None, "evaluate at this fixed size (longer side, padded); none = full images")
+    eval_size: int | None = _f(None, "evaluate on images resized so that the longer side is this (metrics stay at the labels' size); none = full images")
+    eval_mode: str = _f("whole", "evaluation: whole (one pass per image) or slide (windows of eval_crop every eval_stride)")
+    eval_crop: list | None = _f(None, "slide window [H, W] (or one number); default: crop_size")
+    eval_stride: list | None = _f(None, "slide step [H, W] (or one number); default: two thirds of the window")
+    eval_flip: bool = _f(False, "evaluate with flip test-time augmentation")
+    eval_scales: list | None = _f(None, "evaluate with multi-scale test-time augmentation, e.g. [0.75, 1.0, 1.25]")
     # model
     model: str = _f("unet", "model name, or 'package.module:Name'")
     model_kwargs: dict = _f(None, "extra keyword arguments for the model", factory=dict)
@@ -90,6 +95,8 @@ class Config:
     warmup_steps: int = _f(0, "linear learning-rate warm-up, in optimizer steps")
     warmup_factor: float = _f(0.001, "learning-rate factor at the start of warm-up")
     accumulate: int = _f(1, "gradient accumulation: micro-batches per optimizer step")
+    ema_decay: float = _f(0.0, "keep an exponential moving average (EMA) of the weights with this decay, e.g. 0.9998 (0 = off)")
+    eval_ema: bool = _f(False, "evaluate and rank the best checkpoints with the EMA weights (else with the raw ones, EMA logged beside)")
     clip_grad_norm: float | None = _f(None, "clip the gradient norm to this value")
     amp: str = _f("none", "mixed precision: none, bf16 or fp16 (fp16: CUDA only, with a GradScaler)")
     # the run
@@ -119,7 +126,7 @@ class ConfigError(ValueError):
 
 FIELDS = {f.name: f for f in fields(Config)}
 _HINTS = typing.get_type_hints(Config)
-CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("poly", "cosine"), "loss": LOSSES, "amp": ("none", "bf16", "fp16"), "mask_mode": MASK_MODES + (None,),
+CHOICES = {"optimizer": ("sgd", "adamw"), "eval_mode": ("whole", "slide"), "schedule": ("poly", "cosine"), "loss": LOSSES, "amp": ("none", "bf16", "fp16"), "mask_mode": MASK_MODES + (None,),
            "best_metric": ("miou", "pixel_acc", "mean_acc", "mean_dice")}
 
 def suggest(key: str, valid) -> str:
@@ -191,6 +198,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"Config key 'ignore_index' takes mask values (whole numbers), got {cfg.ignore_index!r}.")
     for k in ("num_workers", "checkpoint_every_steps", "keep_best", "warmup_steps", "focal_gamma"):
         if getattr(cfg, k) < 0: raise ConfigError(f"Config key {k!r} must be 0 or more, got {getattr(cfg, k)}.")
+    for k in ("eval_crop", "eval_stride"):
+        v = getattr(cfg, k)
+        if v is not None and (len(v) not in (1, 2) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+            raise ConfigError(f"Config key {k!r} takes one or two positive whole numbers (height width), got {v!r}.")
+    if cfg.eval_scales is not None and (not cfg.eval_scales or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in cfg.eval_scales)):
+        raise ConfigError(f"Config key 'eval_scales' takes positive factors, e.g. [0.75, 1.0, 1.25], got {cfg.eval_scales!r}.")
+    if not 0 <= cfg.ema_decay < 1: raise ConfigError(f"Config key 'ema_decay' must be in [0, 1) (e.g. 0.9998; 0 = off), got {cfg.ema_decay}.")
+    if cfg.eval_ema and not cfg.ema_decay: raise ConfigError("Config key 'eval_ema' needs EMA weights: set 'ema_decay' too (e.g. --ema-decay 0.9998).")
     if not 0 < cfg.lr < 10: raise ConfigError(f"Config key 'lr' must be in (0, 10), got {cfg.lr}.")
     if cfg.dist_timeout <= 0: raise ConfigError(f"Config key 'dist_timeout' must be positive (seconds), got {cfg.dist_timeout}.")
     if not 0 < cfg.scale_min <= cfg.scale_max: raise ConfigError(f"Config keys 'scale_min' <= 'scale_max' must hold and be positive, got {cfg.scale_min}, {cfg.scale_max}.")
@@ -218,6 +233,13 @@ PRESETS = {
                  optimizer="adamw", lr=0.004, weight_decay=1e-4, warmup_steps=20, num_workers=0, eval_every=2),
     "voc_deeplabv3_resnet101": dict(_VOC),
     "voc_sbd_deeplabv3_resnet101": dict(_VOC),
+    "cityscapes_deeplabv3_resnet101": dict(_VOC, epochs=108, batch_size=8, accumulate=1, crop_size=768, base_size=1024, lr=0.01,
+                                           head_lr_mult=1.0, eval_every=10, eval_mode="slide", eval_crop=[768, 768], eval_stride=[512, 512]),
+    "ade20k_deeplabv3_resnet101": dict(_VOC, epochs=63, batch_size=16, accumulate=1, crop_size=512, base_size=512, lr=0.01,
+                                       head_lr_mult=1.0, eval_every=7),
+    "camvid_unet": dict(model="unet", model_kwargs={"width": 32}, ignore_index=[11], crop_size=352, base_size=360, scale_min=0.75,
+                        scale_max=1.5, epochs=200, batch_size=8, optimizer="adamw", lr=0.001, weight_decay=1e-4, schedule="cosine",
+                        warmup_steps=100, class_weights="median-frequency", eval_every=10, num_workers=4),
     "membrane_unet": dict(model="unet", classes=["membrane", "cell"], mask_mode="binary",
                           val_split=6, crop_size=256, base_size=512, scale_min=1.0, scale_max=1.0,
                           epochs=80, batch_size=4, optimizer="adamw", lr=0.003, warmup_steps=10, num_workers=1, eval_every=4),

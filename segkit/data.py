@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #adc0088b
 from __future__ import annotations
-import copy, itertools, json, shutil, tempfile
+import copy, functools, itertools, json, shutil, tempfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -186,9 +186,11 @@ def _demo_scene(rng, size):
     border = np.zeros((size, size), bool)
     hues = {1: (220, 60, 60), 2: (60, 200, 60), 3: (60, 90, 230), 4: (230, 200, 40)}
     for _ in range(rng.integers(1, 4)):
-        cls = int(rng.integers(1, 5)); r = rng.uniform(0.12, 0.3) * size
+        cls = int(rng.integers(1, 5))
+        r = rng.uniform(0.12, 0.3) * size
         cx, cy, th = rng.uniform(0.15, 0.85) * size, rng.uniform(0.15, 0.85) * size, rng.uniform(0, np.pi)
-        u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th); v = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
+        u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)
+        v = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
         if cls == 1: d = np.sqrt(u**2 + v**2) - r                                          # signed distance-like
         elif cls == 2: d = np.maximum(abs(u), abs(v)) - 0.8 * r
         elif cls == 3: d = np.max([v * np.cos(t) + u * np.sin(t) for t in (0, 2.094, 4.189)], axis=0) - 0.5 * r
@@ -197,13 +199,15 @@ def _demo_scene(rng, size):
         colour = np.array(hues[cls]) * rng.uniform(0.6, 1.1) + rng.normal(0, 20, 3)
         img = np.where(inside, colour[:, None, None] + rng.normal(0, 12, (3, size, size)), img)
         mask[inside] = cls
-        border &= ~inside; border |= abs(d) < 1.5
+        border &= ~inside
+        border |= abs(d) < 1.5
     mask[border] = 255
     return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0), mask
 
 def make_demo_dataset(root, n_train: int = 480, n_val: int = 80, size: int = 96, seed: int = 0) -> Path:
     "Write (or reuse) the generated demo set in the VOC layout under `root`; returns its `VOC2012` folder."
-    root = Path(root).expanduser(); voc = root/"VOCdevkit"/"VOC2012"
+    root = Path(root).expanduser()
+    voc = root/"VOCdevkit"/"VOC2012"
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed, "classes": list(DEMO_CLASSES), "version": 1}
     stamp = voc/"demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params: return voc
@@ -219,7 +223,9 @@ def make_demo_dataset(root, n_train: int = 480, n_val: int = 80, size: int = 96,
         img, mask = _demo_scene(rng, size)
         ids.append(f"demo_{k:05d}")
         Image.fromarray(img).save(d/"JPEGImages"/f"{ids[-1]}.jpg", quality=95)
-        m = Image.fromarray(mask, mode="P"); m.putpalette(pal); m.save(d/"SegmentationClass"/f"{ids[-1]}.png")
+        m = Image.fromarray(mask, mode="P")
+        m.putpalette(pal)
+        m.save(d/"SegmentationClass"/f"{ids[-1]}.png")
     for name, part in (("train", ids[:n_train]), ("val", ids[n_train:]), ("trainval", ids)):
         (d/"ImageSets"/"Segmentation"/f"{name}.txt").write_text("\n".join(part) + "\n")
     (d/"classes.txt").write_text("\n".join(DEMO_CLASSES) + "\n")
@@ -237,7 +243,8 @@ class ResumableDistributedSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.skip = 0
     def set_epoch(self, epoch: int, skip: int = 0):
-        super().set_epoch(epoch); self.skip = skip
+        super().set_epoch(epoch)
+        self.skip = skip
     def __iter__(self): return itertools.islice(super().__iter__(), self.skip, None)
     def __len__(self): return max(self.num_samples - self.skip, 0)
 
@@ -248,14 +255,15 @@ class ExactShardSampler(Sampler):
     def __len__(self): return len(range(self.rank, self.n, self.num_replicas))
 
 # %% ../nbs/01_data.ipynb #807d1bf9
-def pad_collate(batch):
-    "Stack `(image, mask)` pairs, padding to the largest height and width (image 0, mask 255)."
+def pad_collate(batch, sizes: bool = False):
+    "Stack `(image, mask)` pairs, padding to the largest height and width (image 0, mask 255); with `sizes`, also each pair's (height, width)."
     h, w = max(b[0].shape[-2] for b in batch), max(b[0].shape[-1] for b in batch)
     imgs = torch.zeros((len(batch), batch[0][0].shape[0], h, w), dtype=batch[0][0].dtype)
     masks = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=batch[0][1].dtype)
     for k, (img, mask) in enumerate(batch):
-        imgs[k, :, :img.shape[-2], :img.shape[-1]] = img; masks[k, :mask.shape[-2], :mask.shape[-1]] = mask
-    return imgs, masks
+        imgs[k, :, :img.shape[-2], :img.shape[-1]] = img
+        masks[k, :mask.shape[-2], :mask.shape[-1]] = mask
+    return (imgs, masks, [tuple(b[0].shape[-2:]) for b in batch]) if sizes else (imgs, masks)
 
 def make_train_loader(ds, batch_size, seed=0, rank=0, world_size=1, num_workers=0, pin_memory=False, drop_last=True):
     "Shuffled, sharded, resumable training loader; workers seeded per (seed, rank, epoch, worker)."
@@ -265,9 +273,9 @@ def make_train_loader(ds, batch_size, seed=0, rank=0, world_size=1, num_workers=
                       generator=torch.Generator().manual_seed(derive_seed(seed, rank)))
 
 def make_eval_loader(ds, batch_size=1, rank=0, world_size=1, num_workers=0, pin_memory=False):
-    "Evaluation loader: every sample on exactly one rank, in order."
+    "Evaluation loader: every sample on exactly one rank, in order; batches are `(images, masks, sizes)`."
     return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(ds, world_size, rank), num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=pad_collate, generator=torch.Generator().manual_seed(0))
+                      pin_memory=pin_memory, collate_fn=functools.partial(pad_collate, sizes=True), generator=torch.Generator().manual_seed(0))
 
 def set_loader_epoch(loader, epoch: int, skip_batches: int = 0):
     "Move a training loader to `epoch`, skipping the first `skip_batches` batches of this rank's shard."

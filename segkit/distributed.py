@@ -75,7 +75,9 @@ def cleanup_distributed():
 def exit_process(code: int = 0):
     "End the command with `code`; a torchrun worker ends without interpreter tear-down (flushed first), which gloo can abort."
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush(); sys.stderr.flush(); logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
         os._exit(code)
     sys.exit(code)
 
@@ -108,12 +110,16 @@ def barrier():
 def broadcast_object(obj, src: int = 0):
     "`obj` from rank `src`, on every rank."
     if not _active(): return obj
-    box = [obj]; dist.broadcast_object_list(box, src=src); return box[0]
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 def all_gather_object(obj) -> list:
     "A list of `obj` from every rank, indexed by rank."
     if not _active(): return [obj]
-    out = [None] * dist.get_world_size(); dist.all_gather_object(out, obj); return out
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     "Sum a tensor over all ranks (in place)."
@@ -144,7 +150,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 # %% ../nbs/06_distributed.ipynb #50ccd31d
 def free_port() -> int:
     "A free TCP port on 127.0.0.1 (for torchrun rendezvous in tests)."
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # %% ../nbs/06_distributed.ipynb #2e6f5539
 GLOO_STARTUP_FAILURES = ("connectFullMesh failed",)

@@ -4,20 +4,21 @@
 
 # %% ../nbs/09_evaluate.ipynb #596ccc3d
 from __future__ import annotations
-import argparse, csv, json, logging
+import argparse, csv, dataclasses, json, logging
 from pathlib import Path
 import numpy as np
 import torch
 from .labels import DataError, LabelSpec
 from .data import make_eval_loader, make_demo_dataset
 from .layouts import DataOptions, DATA_KEYS, find_layout, resolve_labels, open_split
-from .augment import eval_transforms, overlay
+from .augment import overlay
 from .models import get_model
-from .checkpoint import load_checkpoint, CheckpointError
+from .checkpoint import load_checkpoint, checkpoint_weights, CheckpointError
 from .distributed import init_distributed, cleanup_distributed, exit_process
 from .config import add_config_flags, check_unknown, coerce
-from .runtime import (IMAGENET_MEAN, IMAGENET_STD, evaluate_model, format_iou_table, default_demo_root, run_cli,
-                            setup_logging, to_input)
+from .runtime import IMAGENET_MEAN, IMAGENET_STD, format_iou_table, default_demo_root, run_cli, setup_logging
+from .inference import (InferenceOptions, TorchRunner, evaluate_model, segment, add_model_flags, add_inference_flags,
+                              inference_overrides, INFERENCE_FLAGS, MODEL_FLAGS)
 
 log = logging.getLogger("segkit")
 
@@ -26,8 +27,8 @@ __all__ = ['log', 'EVAL_DATA_KEYS', 'model_from_checkpoint', 'checkpoint_labels'
            'build_parser', 'main', 'show_results']
 
 # %% ../nbs/09_evaluate.ipynb #fe279428
-def model_from_checkpoint(path, device="cpu") -> tuple[torch.nn.Module, dict, list]:
-    "Rebuild the model saved in `path` (training checkpoint or exported weights); returns (model in eval mode, config, classes)."
+def model_from_checkpoint(path, device="cpu", which: str = "auto") -> tuple[torch.nn.Module, dict, list]:
+    "Rebuild the model saved in `path` (training checkpoint or weights file) with its `which` weights; returns (model in eval mode, config, classes)."
     ckpt = load_checkpoint(path)
     cfg, classes = ckpt.get("config") or {}, list(ckpt.get("classes") or [])
     if not isinstance(ckpt.get("model"), dict) or not isinstance(cfg, dict) or not cfg.get("model") or not classes:
@@ -35,7 +36,7 @@ def model_from_checkpoint(path, device="cpu") -> tuple[torch.nn.Module, dict, li
                               "Pass a file written by segkit.train (checkpoints/last.pt, best-*.pt) or by export_weights.")
     model = get_model(cfg["model"], len(classes), aux_loss=cfg.get("aux_loss", False), in_channels=cfg.get("in_channels") or 3,
                       **(cfg.get("model_kwargs") or {}))
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    state = {k.removeprefix("module."): v for k, v in checkpoint_weights(ckpt, which, path).items()}
     try: model.load_state_dict(state)
     except RuntimeError as e: raise CheckpointError(f"The weights in {path} do not fit {cfg['model']}: {str(e).splitlines()[0]}") from None
     cfg = {**cfg, "labels": ckpt.get("labels")}
@@ -50,31 +51,32 @@ def _data_overrides(options: dict | None) -> dict:
     return {k: v for k, v in (options or {}).items() if k in DATA_KEYS and v is not None}
 
 def evaluate_checkpoint(checkpoint, split: str = "val", data_root=None, data_options: dict | None = None, batch_size: int = 1,
-                        num_workers: int = 0, device: str = "auto", amp: str = "none", eval_size=None, output=None) -> dict:
-    "Evaluate `checkpoint` on `split` (train, val, test or a split file) of a data set; returns the metrics, written to `output` (rank 0)."
+                        num_workers: int = 0, device: str = "auto", amp: str = "none", inference: dict | None = None, output=None,
+                        weights: str = "auto") -> dict:
+    "Evaluate `checkpoint` on `split` (train, val, test or a split file) of a data set, run as `inference` (InferenceOptions fields) says; returns the metrics, written to `output` (rank 0)."
     env = init_distributed(device)
     try:
-        model, cfg, classes = model_from_checkpoint(checkpoint, env.device)
+        model, cfg, classes = model_from_checkpoint(checkpoint, env.device, weights)
+        opts = InferenceOptions.from_config(cfg, **(inference or {}))
         root = data_root or cfg.get("data_root") or make_demo_dataset(default_demo_root())
         overrides = _data_overrides(data_options)
-        opts = DataOptions.from_config({**{k: cfg.get(k) for k in DATA_KEYS}, **overrides})
-        layout = find_layout(root, opts)
+        data_opts = DataOptions.from_config({**{k: cfg.get(k) for k in DATA_KEYS}, **overrides})
+        layout = find_layout(root, data_opts)
         label_keys = ("classes", "mask_mode", "ignore_index", "label_map", "reduce_zero_label", "palette")
-        labels = resolve_labels(layout, opts) if any(k in overrides for k in label_keys) else checkpoint_labels(cfg, classes)
+        labels = resolve_labels(layout, data_opts) if any(k in overrides for k in label_keys) else checkpoint_labels(cfg, classes)
         if labels.num_classes != len(classes):
             raise DataError(f"The data in {root} has {labels.num_classes} classes ({', '.join(labels.classes[:5])}...), but {checkpoint} "
                             f"was trained on {len(classes)}. Evaluate on the data the model was trained for, or give --classes.")
-        ds = open_split(layout, split, labels, opts, eval_transforms(eval_size if eval_size is not None else cfg.get("eval_size")),
-                        cfg.get("seed") or 0)
+        ds = open_split(layout, split, labels, data_opts, None, cfg.get("seed") or 0)
         loader = make_eval_loader(ds, batch_size, env.rank, env.world_size, num_workers, env.device.type == "cuda")
         cm, _ = evaluate_model(model, loader, len(classes), env.device, amp, cfg.get("channels_last", False),
-                               mean=cfg.get("mean") or IMAGENET_MEAN, std=cfg.get("std") or IMAGENET_STD)
+                               mean=cfg.get("mean") or IMAGENET_MEAN, std=cfg.get("std") or IMAGENET_STD, opts=opts)
         r = cm.compute()
         mat = cm.mat.cpu().double()
         clean = lambda xs: [(v if v == v else None) for v in xs]
         acc = torch.where(mat.sum(1) > 0, mat.diag() / mat.sum(1), torch.tensor(float("nan"), dtype=torch.float64)).tolist()
         result = {"checkpoint": str(checkpoint), "data_root": str(root), "layout": layout.kind, "split": split, "images": len(ds),
-                  "world_size": env.world_size, **{k: r[k] for k in ("pixel_acc", "mean_acc", "miou", "mean_dice")},
+                  "world_size": env.world_size, "inference": dataclasses.asdict(opts), **{k: r[k] for k in ("pixel_acc", "mean_acc", "miou", "mean_dice")},
                   "iou": dict(zip(classes, clean(r["iou"]))), "dice": dict(zip(classes, clean(r["dice"]))),
                   "accuracy": dict(zip(classes, clean(acc))), "pixels": dict(zip(classes, mat.sum(1).long().tolist())),
                   "confusion": mat.long().tolist()}
@@ -95,47 +97,55 @@ def write_evaluation(result: dict, out) -> Path:
     if (out/"metrics.json").exists(): log.info(f"Replacing the earlier evaluation in {out}")
     (out/"metrics.json").write_text(json.dumps(result, indent=1))
     with open(out/"per_class.csv", "w", newline="") as f:
-        w = csv.writer(f); w.writerow(["class", "iou", "dice", "accuracy", "pixels"])
+        w = csv.writer(f)
+        w.writerow(["class", "iou", "dice", "accuracy", "pixels"])
         for c in result["iou"]: w.writerow([c, result["iou"][c], result["dice"][c], result["accuracy"][c], result["pixels"][c]])
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     mat = np.array(result["confusion"], dtype=float)
     norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
-    k = len(mat); size = min(2 + 0.35 * k, 30)
+    k = len(mat)
+    size = min(2 + 0.35 * k, 30)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     names = list(result["iou"])
-    ax.set_xticks(range(k)); ax.set_yticks(range(k))
-    ax.set_xticklabels(names, rotation=90, fontsize=7); ax.set_yticklabels(names, fontsize=7)
-    ax.set_xlabel("prediction"); ax.set_ylabel("truth"); ax.set_title(f"{result['split']}: mIoU {result['miou']:.4f}")
-    fig.tight_layout(); fig.savefig(out/"confusion.png", dpi=100); plt.close(fig)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    ax.set_title(f"{result['split']}: mIoU {result['miou']:.4f}")
+    fig.tight_layout()
+    fig.savefig(out/"confusion.png", dpi=100)
+    plt.close(fig)
     return out
 
 EVAL_DATA_KEYS = tuple(k for k in DATA_KEYS if k != "in_channels")      # the model fixes the input channels
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segkit-evaluate", description="Evaluate a segkit checkpoint on a split: per-class IoU, mIoU, accuracies.")
-    p.add_argument("--checkpoint", required=True, help="training checkpoint or exported weights")
+    p = add_model_flags(argparse.ArgumentParser(prog="segkit-evaluate", description="Evaluate a segkit checkpoint on a split: per-class IoU, mIoU, accuracies."))
     p.add_argument("--split", default="val", help="train, val, test, or a split file (one id a line)")
     p.add_argument("--data-root", help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--batch-size", type=int, default=1, help="per process (1 = full images)")
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
-    p.add_argument("--eval-size", type=int, default=None, help="evaluate at a fixed size (default: as in training)")
     p.add_argument("--output", help="folder for metrics.json, per_class.csv, confusion.png (default: beside the checkpoint)")
-    return add_config_flags(p, EVAL_DATA_KEYS)
+    return add_config_flags(add_inference_flags(p), EVAL_DATA_KEYS)
 
 def _evaluate_cli(argv=None):
     args, unknown = build_parser().parse_known_args(argv)
-    check_unknown(unknown, list(EVAL_DATA_KEYS) + ["checkpoint", "split", "data_root", "batch_size", "num_workers", "device", "amp", "eval_size", "output"])
+    check_unknown(unknown, list(EVAL_DATA_KEYS) + list(MODEL_FLAGS) + list(INFERENCE_FLAGS) + ["split", "data_root", "batch_size", "num_workers", "output"])
     options = {k: coerce(k, getattr(args, k), " (on the command line)") for k in EVAL_DATA_KEYS if getattr(args, k) is not None}
+    inference = inference_overrides(args)                             # flag mistakes first, before any process group
     setup_logging(None, init_distributed(args.device))
     r = evaluate_checkpoint(args.checkpoint, args.split, args.data_root, options, args.batch_size, args.num_workers, args.device,
-                            args.amp, args.eval_size, args.output)
+                            args.amp, inference, args.output, args.model_weights)
     if "table" in r:
         print(f"{r['images']} images ({r['layout']} {r['split']} split of {r['data_root']})")
-        print(r["table"]); print(f"mIoU: {r['miou']:.4f}"); print(f"written to {r['output']}")
+        print(r["table"])
+        print(f"mIoU: {r['miou']:.4f}")
+        print(f"written to {r['output']}")
 
 def main(argv=None): exit_process(run_cli(_evaluate_cli, argv))
 
@@ -143,17 +153,23 @@ def main(argv=None): exit_process(run_cli(_evaluate_cli, argv))
 #| eval: false
 if __name__ == "__main__": main()
 
-# %% ../nbs/09_evaluate.ipynb #38d4c5ef
+# %% ../nbs/09_evaluate.ipynb #b65e3abd
 @torch.no_grad()
-def show_results(model, dataset, indices=(0, 1, 2), device="cpu", figsize_per=3.0):
-    "Plot image | truth | prediction rows for `dataset[i]` with `model`; returns the figure."
+def show_results(model, dataset, indices=(0, 1, 2), device="cpu", figsize_per=3.0, opts: InferenceOptions = InferenceOptions(),
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    "Plot image | truth | prediction rows for `dataset[i]` with `model` (run as `opts` says); returns the figure."
     import matplotlib.pyplot as plt
     model.eval()
+    runner = TorchRunner(model, device, mean=mean, std=std)
     fig, axes = plt.subplots(len(indices), 3, figsize=(3 * figsize_per, len(indices) * figsize_per), squeeze=False)
     for row, i in zip(axes, indices):
         img, mask = dataset[i]
-        pred = model(to_input(img[None], device))["out"].argmax(1)[0].cpu()
-        for ax, pic, title in zip(row, (img.permute(1, 2, 0).numpy(), overlay(img, mask), overlay(img, pred)), ("image", "truth", "prediction")):
-            ax.imshow(pic); ax.set_title(title, fontsize=9); ax.axis("off")
+        pred = segment(runner, img[None].to(device), opts).argmax(1)[0].cpu()
+        pic0 = img.clamp(0, 255).to(torch.uint8)
+        pic0 = pic0[:3] if pic0.shape[0] >= 3 else pic0[:1].expand(3, -1, -1)
+        for ax, pic, title in zip(row, (pic0.permute(1, 2, 0).numpy(), overlay(pic0, mask), overlay(pic0, pred)), ("image", "truth", "prediction")):
+            ax.imshow(pic)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
     fig.tight_layout()
     return fig

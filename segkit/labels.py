@@ -83,7 +83,8 @@ def read_palette_file(path) -> tuple[tuple, np.ndarray]:
             if len(parts) < 3 or not all(0 <= v <= 255 for v in rgb): raise ValueError
         except ValueError:
             raise DataError(f"Palette file {path}, line {n}: {line.strip()!r} is not 'R G B name' with R, G, B in 0..255.") from None
-        colours.append(rgb); names.append(parts[3].strip() if len(parts) > 3 else f"class{len(names)}")
+        colours.append(rgb)
+        names.append(parts[3].strip() if len(parts) > 3 else f"class{len(names)}")
     if not names: raise DataError(f"Palette file {path} has no 'R G B name' lines.")
     dup = {tuple(c) for c in colours if colours.count(c) > 1}
     if dup: raise DataError(f"Palette file {path} gives the colour {sorted(dup)[0]} to two classes; each class needs its own colour.")
@@ -289,8 +290,12 @@ def count_labels(masks, spec: LabelSpec, progress: bool = False, desc: str = "co
         it = tqdm(masks, desc=desc, leave=False)
     for m in it:
         c = spec.file_histogram(m)[1] if isinstance(m, (str, Path)) else np.bincount(np.asarray(m).ravel(), minlength=256)
-        pixels += c[:k]; ignored += int(c[IGNORE_INDEX]); present = c[:k] > 0
-        images += present; image_pixels += present * int(c.sum()); n += 1
+        pixels += c[:k]
+        ignored += int(c[IGNORE_INDEX])
+        present = c[:k] > 0
+        images += present
+        image_pixels += present * int(c.sum())
+        n += 1
     return LabelCounts(pixels, images, image_pixels, ignored, n)
 
 CLASS_WEIGHT_METHODS = ("median-frequency", "inverse")

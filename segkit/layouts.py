@@ -292,7 +292,9 @@ def _classes_from_masks(spec: LabelSpec, masks, binary_allowed=True) -> LabelSpe
     values, rgb = set(), False
     for m in masks:
         a = read_mask_array(m)
-        if a.ndim == 3 and ((a[..., 0] != a[..., 1]).any() or (a[..., 1] != a[..., 2]).any()): rgb = True; break
+        if a.ndim == 3 and ((a[..., 0] != a[..., 1]).any() or (a[..., 1] != a[..., 2]).any()):
+            rgb = True
+            break
         if a.ndim == 3: a = a[..., 0]
         values |= set(np.unique(a).tolist())
     if rgb:
@@ -328,7 +330,9 @@ def _read_list(path) -> list:
 def _from_list(layout: DataLayout, path) -> list:
     pool = {}
     for pairs in layout.splits.values():
-        for t in pairs: pool.setdefault(t[0], t); pool.setdefault(Path(t[0]).name, t)
+        for t in pairs:
+            pool.setdefault(t[0], t)
+            pool.setdefault(Path(t[0]).name, t)
     ids = _read_list(path)
     missing = [i for i in ids if i not in pool]
     if missing: raise DataError(f"Split list {path}: {len(missing)} id(s) have no image/mask pair in {layout.root}, e.g. {missing[:3]}. "

@@ -21,7 +21,9 @@ class ConfusionMatrix:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
-    def reset(self): self.mat.zero_(); return self
+    def reset(self):
+        self.mat.zero_()
+        return self
 
     @torch.no_grad()
     def update(self, pred, target):

@@ -108,7 +108,8 @@ def load_fitting_state(model: nn.Module, state: dict, num_classes: int | None = 
             raise WeightsError(f"{what}: key {k!r} is not in the model; these weights are for another architecture.")
         if own[k].shape != v.shape:
             if num_classes is not None and v.dim() and own[k].shape[0] == num_classes and own[k].shape[1:] == v.shape[1:]:
-                skipped.append(k); continue
+                skipped.append(k)
+                continue
             raise WeightsError(f"{what}: {k!r} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the model; "
                                "these weights are for another model.")
         fitted[k] = v

@@ -28,7 +28,8 @@ class _Problems:
     "Problems by kind: the first few of each kind in full, then a count."
     def __init__(self, keep: int = 5): self.keep, self.kinds, self.fatal = keep, {}, False
     def add(self, kind: str, message: str, fatal: bool = True):
-        self.kinds.setdefault(kind, []).append(message); self.fatal |= fatal
+        self.kinds.setdefault(kind, []).append(message)
+        self.fatal |= fatal
     def lines(self) -> list:
         out = []
         for kind, msgs in self.kinds.items():
@@ -49,7 +50,8 @@ def dataset_report(root, opts: DataOptions | None = None, progress: bool = False
         first = next(iter(layout.splits.values()), [])
         labels = resolve_labels(layout, opts, [m for _, _, m in layout.splits.get("train", first)])
     except DataError as e:
-        probs.add("label errors", str(e)); report.update(problems=probs.lines(), fatal=True, seconds=time.perf_counter() - t0)
+        probs.add("label errors", str(e))
+        report.update(problems=probs.lines(), fatal=True, seconds=time.perf_counter() - t0)
         return report
     names = [str(c) for c in labels.classes]
     report.update(classes=names, class_source=labels.source, mask_mode=labels.mask_mode, ignore_index=list(labels.ignore_index),
@@ -66,13 +68,18 @@ def dataset_report(root, opts: DataOptions | None = None, progress: bool = False
             try: shape, c = labels.file_histogram(mask)
             except DataError as e:
                 kind = "unknown values" if "not classes" in str(e) or "not in the palette" in str(e) else "unreadable masks"
-                probs.add(kind, str(e)); continue
+                probs.add(kind, str(e))
+                continue
             try: hw = image_size(img)
-            except DataError as e: probs.add("unreadable images", str(e)); continue
+            except DataError as e:
+                probs.add("unreadable images", str(e))
+                continue
             if hw != shape:
                 probs.add("size mismatches", f"Image {img} is {hw[0]}x{hw[1]} but its mask {mask} is {shape[0]}x{shape[1]}.")
                 continue
-            pixels += c[:k]; ignored += int(c[IGNORE_INDEX]); sizes.append(hw)
+            pixels += c[:k]
+            ignored += int(c[IGNORE_INDEX])
+            sizes.append(hw)
         n_images += len(pairs)
         report["splits"][split] = {"images": len(pairs), "pixels": dict(zip(names, pixels.tolist())), "ignored": ignored,
                                    "sizes": _summary_sizes(sizes)}
@@ -107,19 +114,25 @@ def format_report(rep: dict) -> str:
 
 def plot_report(rep: dict, path) -> Path:
     "A bar chart of each class's pixel share per split, saved to `path`."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     classes, splits = rep["classes"], list(rep["splits"])
     k = max(len(classes), 1)
     fig, ax = plt.subplots(figsize=(min(4 + 0.3 * k * max(len(splits), 1), 40), 4))
     width = 0.8 / max(len(splits), 1)
     for j, s in enumerate(splits):
-        px = rep["splits"][s]["pixels"]; tot = max(sum(px.values()), 1)
+        px = rep["splits"][s]["pixels"]
+        tot = max(sum(px.values()), 1)
         ax.bar(np.arange(len(classes)) + j * width, [100 * px[c] / tot for c in classes], width, label=s)
     ax.set_xticks(np.arange(len(classes)) + width * (len(splits) - 1) / 2)
-    ax.set_xticklabels(classes, rotation=90, fontsize=7); ax.set_ylabel("% of labelled pixels")
-    ax.set_title(f"{rep['layout']}: class frequencies"); ax.legend()
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    ax.set_xticklabels(classes, rotation=90, fontsize=7)
+    ax.set_ylabel("% of labelled pixels")
+    ax.set_title(f"{rep['layout']}: class frequencies")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return Path(path)
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,9 @@ class WorkerSeeder:
     def __init__(self, seed: int, rank: int = 0, epoch: int = 0): self.seed, self.rank, self.epoch = seed, rank, epoch
     def __call__(self, worker_id: int):
         s = derive_seed(self.seed, self.rank, self.epoch, worker_id)
-        random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
 
 # %% ../nbs/00_seed.ipynb #7e7e19b8
 def get_rng_state() -> dict:

@@ -13,15 +13,16 @@ from .seed import seed_everything, derive_seed, get_rng_state, set_rng_state
 from .labels import DataError, count_labels, class_weights_from_counts, CLASS_WEIGHT_METHODS
 from .data import make_demo_dataset, make_train_loader, make_eval_loader, set_loader_epoch
 from .layouts import DataOptions, open_datasets, data_sizes
-from .augment import train_transforms, eval_transforms
+from .augment import train_transforms
 from .models import get_model, param_groups, freeze_backbone, import_object, WeightsError
 from .metrics import SegmentationLoss
 from .checkpoint import atomic_save, load_checkpoint, find_resume_checkpoint, BestCheckpoints, CheckpointError
 from .distributed import (DistEnv, init_distributed, cleanup_distributed, exit_process, resolve_device, wrap_model, unwrap, barrier,
                                 broadcast_object, all_gather_object, all_reduce_sum)
 from .config import Config, ConfigError, PRESETS, preset_layer, make_config, parse_config, save_config, format_config
-from .runtime import (IMAGENET_MEAN, IMAGENET_STD, to_input, image_mean_std, autocast, evaluate_model, colorize,
-                            format_iou_table, SegkitError, setup_logging, run_cli, default_demo_root)
+from .runtime import (IMAGENET_MEAN, IMAGENET_STD, to_input, image_mean_std, autocast, colorize, format_iou_table, SegkitError,
+                            setup_logging, run_cli, default_demo_root)
+from .inference import InferenceOptions, evaluate_model
 from . import __version__
 
 try: import fcntl
@@ -32,7 +33,7 @@ log = logging.getLogger("segkit")
 # %% auto #0
 __all__ = ['log', 'warmup_then', 'poly_lr_lambda', 'cosine_lr_lambda', 'lr_lambda', 'accumulation_group', 'RunDirError',
            'NonFiniteLossError', 'holds_run', 'default_run_dir', 'plan_run', 'RunLock', 'check_shared_run_dir',
-           'prepare_data', 'Trainer', 'apply_debug', 'train', 'main']
+           'prepare_data', 'ModelEMA', 'Trainer', 'apply_debug', 'train', 'main']
 
 # %% ../nbs/08_train.ipynb #a5df4f13
 def warmup_then(decay, total_steps: int, warmup_steps: int = 0, warmup_factor: float = 1e-3):
@@ -181,10 +182,36 @@ def prepare_data(cfg: Config, limit: int | None = None, device_type: str | None 
     new.sources = {**getattr(cfg, "sources", {}), **{k: "from the data" for k in updates}}
     if cfg.mean is None and cfg.in_channels == 3: new.sources.update(mean="default (ImageNet)", std="default (ImageNet)")
     train_ds.transforms = train_transforms(new.crop_size, new.base_size, (new.scale_min, new.scale_max), new.hflip, new.color_jitter, new.blur)
-    train_ds.seed, val_ds.transforms = cfg.seed, eval_transforms(cfg.eval_size)
+    train_ds.seed, val_ds.transforms = cfg.seed, None              # evaluation sees whole images; see segkit.inference
     return new, train_ds, val_ds, notes
 
 # %% ../nbs/08_train.ipynb #97411468
+class ModelEMA:
+    "An exponential moving average of `model`'s weights, with the decay warmed up over the first updates."
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters(): p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    def current_decay(self) -> float: return min(self.decay, 1 - (1 + self.updates) ** (-2 / 3))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        "Move the average towards `model` (call after each optimizer step)."
+        d = self.current_decay()
+        self.updates += 1
+        mine, theirs = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in mine.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([mine[k] for k in floats], [theirs[k].detach() for k in floats], 1 - d)
+        for k, v in mine.items():
+            if not v.dtype.is_floating_point: v.copy_(theirs[k])
+
+    def state_dict(self) -> dict: return {"model": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+    def load_state_dict(self, sd: dict):
+        self.module.load_state_dict(sd["model"])
+        self.updates = sd["updates"]
+
+# %% ../nbs/08_train.ipynb #a77b3fba
 class Trainer:
     "Train a segmentation model as `cfg` says, in `run_dir`, as process `env` of a (possibly distributed) job."
     def __init__(self, cfg: Config, env: DistEnv, run_dir: Path):
@@ -203,6 +230,8 @@ class Trainer:
         if cfg.freeze_backbone: freeze_backbone(model)
         if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
         self.model = wrap_model(model, env, cfg.sync_bn)
+        self.ema = ModelEMA(unwrap(self.model), cfg.ema_decay) if cfg.ema_decay else None
+        self.eval_opts = InferenceOptions.from_config(cfg.to_dict())
         self.criterion = SegmentationLoss(cfg.aux_weight, cfg.class_weights, kind=cfg.loss, focal_gamma=cfg.focal_gamma).to(self.device)
         groups = param_groups(unwrap(self.model), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
         if cfg.optimizer == "sgd": self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -247,7 +276,7 @@ class Trainer:
         "Start a new non-finite flag (on the device), remembering up to which step the loss was checked."
         self.nonfinite, self.checked_step = torch.zeros((), dtype=torch.bool, device=self.device), self.step
 
-# %% ../nbs/08_train.ipynb #b8830519
+# %% ../nbs/08_train.ipynb #8ad50152
 @patch
 def state_dict(self: Trainer, finished: bool = False) -> dict:
     "Everything a resume needs. A collective: every rank must call it (it gathers the RNG states)."
@@ -259,6 +288,7 @@ def state_dict(self: Trainer, finished: bool = False) -> dict:
             "num_classes": self.num_classes, "model_name": self.cfg.model, "best": self.best.state_dict(),
             "labels": self.train_ds.labels.to_dict() if hasattr(self.train_ds, "labels") else None,
             "metrics": self.history, "losses": self.losses, "epoch_loss": self.epoch_loss, "finished": finished,
+            "ema": self.ema.state_dict() if self.ema else None,
             "segkit_version": __version__}
 
 @patch
@@ -274,6 +304,10 @@ def load(self: Trainer, ckpt: dict, source: Path):
     self.optimizer.load_state_dict(ckpt["optimizer"])
     self.scheduler.load_state_dict(ckpt["scheduler"])
     self.scaler.load_state_dict(ckpt["scaler"])
+    if self.ema and ckpt.get("ema"): self.ema.load_state_dict(ckpt["ema"])
+    elif self.ema:
+        self.ema = ModelEMA(unwrap(self.model), self.cfg.ema_decay)
+        log.warning(f"Checkpoint {source} has no EMA weights (it was trained without --ema-decay): the average starts from the resumed weights.")
     self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
     self.history, self.best.table = list(ckpt["metrics"]), [dict(r) for r in ckpt["best"]["table"]]
     self.losses, self.epoch_loss = [list(x) for x in ckpt["losses"]], list(ckpt["epoch_loss"])
@@ -314,7 +348,7 @@ def _write_metrics_file(self: Trainer):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
     os.replace(tmp, self.run_dir/"metrics.jsonl")
 
-# %% ../nbs/08_train.ipynb #6e096169
+# %% ../nbs/08_train.ipynb #26dfc250
 @patch
 def check_loss(self: Trainer, epoch: int, log_it: bool = False):
     "Sum the loss over ranks; stop on a non-finite loss; with `log_it`, log the mean loss since the last log and lr."
@@ -341,7 +375,7 @@ def check_loss(self: Trainer, epoch: int, log_it: bool = False):
         self.last_loss = loss
         self._reset_loss()
 
-# %% ../nbs/08_train.ipynb #b2b9b0cf
+# %% ../nbs/08_train.ipynb #18af6a65
 @patch
 def train_epoch(self: Trainer, epoch: int):
     cfg, env = self.cfg, self.env
@@ -389,6 +423,7 @@ def optimizer_step(self: Trainer, epoch: int, batches_done: int):
     self.scaler.update()
     self.optimizer.zero_grad(set_to_none=True)
     self.scheduler.step()
+    if self.ema: self.ema.update(unwrap(self.model))
     self.step += 1
     self.batch_in_epoch = batches_done
     log_it = self.step % cfg.log_every == 0
@@ -397,23 +432,32 @@ def optimizer_step(self: Trainer, epoch: int, batches_done: int):
         self.check_loss(epoch, log_it=True)
         self.save_checkpoint()
 
-# %% ../nbs/08_train.ipynb #8c269dfc
+# %% ../nbs/08_train.ipynb #922d229b
 @patch
 def evaluate(self: Trainer, epoch: int) -> dict:
     cfg = self.cfg
     t0 = time.perf_counter()
-    cm, examples = evaluate_model(self.model, self.val_loader, self.num_classes, self.device, cfg.amp, cfg.channels_last,
-                                  keep_examples=4 if self.env.is_main else 0, mean=cfg.mean, std=cfg.std)
-    r = cm.compute()
-    record = {"epoch": epoch + 1, "step": self.step, "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1), "miou": r["miou"], "pixel_acc": r["pixel_acc"], "mean_acc": r["mean_acc"],
-              "mean_dice": r["mean_dice"], "iou": {c: (v if v == v else None) for c, v in zip(self.classes, r["iou"])}}
+    weights = [("", self.model)]
+    if self.ema: weights = [("", self.ema.module), ("raw_", self.model)] if cfg.eval_ema else [("", self.model), ("ema_", self.ema.module)]
+    record = {"epoch": epoch + 1, "step": self.step, "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1)}
+    for prefix, model in weights:
+        cm, examples = evaluate_model(model, self.val_loader, self.num_classes, self.device, cfg.amp, cfg.channels_last,
+                                      keep_examples=4 if self.env.is_main and not prefix else 0, mean=cfg.mean, std=cfg.std, opts=self.eval_opts)
+        r = cm.compute()
+        record.update({prefix + k: r[k] for k in ("miou", "pixel_acc", "mean_acc", "mean_dice")})
+        if not prefix: main_result, main_examples = r, examples
+    r, examples = main_result, main_examples
+    record["iou"] = {c: (v if v == v else None) for c, v in zip(self.classes, r["iou"])}
     self.history.append(record)
     if self.env.is_main:
-        log.info(f"epoch {epoch + 1}: val mIoU {r['miou']:.4f}, pixel acc {r['pixel_acc']:.4f} "
+        which = " (EMA weights)" if cfg.eval_ema else ""
+        beside = "".join(f", {p[:-1]} weights {record[p + 'miou']:.4f}" for p, _ in weights[1:])
+        log.info(f"epoch {epoch + 1}: val mIoU{which} {r['miou']:.4f}{beside}, pixel acc {r['pixel_acc']:.4f} "
                  f"({len(self.val_ds)} images, {time.perf_counter() - t0:.1f} s)")
         log.info("per-class IoU:\n" + format_iou_table(r, self.classes))
         if self.writer:
             for k in ("miou", "pixel_acc", "mean_acc", "mean_dice"): self.writer.add_scalar(f"val/{k}", r[k], self.step)
+            for p, _ in weights[1:]: self.writer.add_scalar(f"val/{p}miou", record[p + "miou"], self.step)
             for c, v in zip(self.classes, r["iou"]):
                 if v == v: self.writer.add_scalar(f"val_iou/{c}", v, self.step)
             if examples:
@@ -431,7 +475,7 @@ def _picture(self: Trainer, img):
     img = img.clamp(0, 255).to(torch.uint8)
     return img[:3] if img.shape[0] >= 3 else img[:1].expand(3, -1, -1)
 
-# %% ../nbs/08_train.ipynb #e1fe1062
+# %% ../nbs/08_train.ipynb #122f5c84
 @patch
 def _open_trackers(self: Trainer):
     if not self.env.is_main: return
@@ -451,7 +495,7 @@ def _close_trackers(self: Trainer):
     if self.writer: self.writer.close()
     if self.mlflow: self.mlflow.end_run()
 
-# %% ../nbs/08_train.ipynb #6b52bba2
+# %% ../nbs/08_train.ipynb #47d3dabe
 @patch
 def fit(self: Trainer) -> dict:
     "Train from the current state to `cfg.epochs`; returns a summary."
@@ -489,7 +533,7 @@ def summary(self: Trainer, seconds: float = 0.0) -> dict:
     return {"run_dir": str(self.run_dir), "epoch": self.epoch, "step": self.step, "miou": last.get("miou"),
             "best": [dict(r) for r in self.best.table], "finished": self.epoch >= self.cfg.epochs, "seconds": seconds}
 
-# %% ../nbs/08_train.ipynb #5ba6498b
+# %% ../nbs/08_train.ipynb #43bde031
 def apply_debug(cfg: Config, world_size: int = 1) -> Config:
     "Debug mode: `debug_samples` per split, 2 epochs, evaluation and checkpoint every epoch, no workers; batch, accumulation and crop shrunk to fit."
     if not cfg.debug: return cfg
@@ -576,6 +620,6 @@ def _train_cli(argv=None):
 
 def main(argv=None): exit_process(run_cli(_train_cli, argv))
 
-# %% ../nbs/08_train.ipynb #6d1ea710
+# %% ../nbs/08_train.ipynb #fd2fea94
 #| eval: false
 if __name__ == "__main__": main()
