@@ -67,9 +67,12 @@ def loop_overhead(n_batches: int = 12, batch_size: int = 8, size: int = 80, repe
     bare_opt = torch.optim.AdamW(bare.parameters(), lr=cfg.lr) if cfg.optimizer == "adamw" else torch.optim.SGD(bare.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     crit = SegmentationLoss(cfg.aux_weight).to(dev)
     runs = {"segkit": lambda: epoch_from_start(trainer), "bare": lambda: bare_steps(bare, crit, bare_opt, batches, dev, cfg.amp, cfg.channels_last)}
-    for f in runs.values():
+    first = {}
+    for k, f in runs.items():                                     # warm-up (allocator, cuDNN autotuning, compilation)
+        t0 = time.perf_counter()
         f()
-        _sync(dev)                       # warm-up (allocator, cuDNN autotuning)
+        _sync(dev)
+        first[k] = time.perf_counter() - t0
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for k, f in runs.items():
@@ -80,7 +83,8 @@ def loop_overhead(n_batches: int = 12, batch_size: int = 8, size: int = 80, repe
             times[k].append(time.perf_counter() - t0)
     sps = {k: n_batches / min(v) for k, v in times.items()}
     return {"segkit_steps_per_s": sps["segkit"], "bare_steps_per_s": sps["bare"], "ratio": sps["segkit"] / sps["bare"],
-            "images_per_s": {k: v * batch_size for k, v in sps.items()}, "device": str(dev), "model": cfg.model}
+            "images_per_s": {k: v * batch_size for k, v in sps.items()}, "device": str(dev), "model": cfg.model,
+            "first_epoch_s": first, "compile": cfg.compile}
 
 # %% ../nbs/12_benchmarks.ipynb #66249a2b
 INFERENCE_MODES = {"whole": {}, "slide": {"mode": "slide"}, "flip": {"flip": True},
@@ -149,7 +153,7 @@ def format_inference_table(rows) -> str:
         lines.append(f"{r['model']:<30}{r['mode']:<12}{r['views']:>6}{r['windows']:>8}{r['images_per_s']:>10.2f}{rel:>8}{peak:>10}")
     return "\n".join(lines)
 
-# %% ../nbs/12_benchmarks.ipynb #cbf3bf99
+# %% ../nbs/12_benchmarks.ipynb #7a79e84c
 def reference_steps(model, optimizer, batches, device, amp: bool, scaler=None):
     "torchvision's reference training step: host-normalised float input, fp16 autocast if `amp`, loss.item() each step."
     model.train()
@@ -169,10 +173,10 @@ def reference_steps(model, optimizer, batches, device, amp: bool, scaler=None):
             optimizer.step()
         loss.item()
 
-def gpu_throughput(batch_size: int = 8, size: int = 512, n_batches: int = 20, repeats: int = 3) -> dict:
+def gpu_throughput(batch_size: int = 8, size: int = 512, n_batches: int = 20, repeats: int = 3, compile: bool = False) -> dict:
     "Images/s of segkit's step (bf16 + channels_last) and of the reference step (fp32 and fp16 AMP) for deeplabv3_resnet101."
     dev = torch.device("cuda")
-    over = dict(model="deeplabv3_resnet101", aux_loss=True, amp="bf16", channels_last=True, optimizer="sgd", lr=0.007,
+    over = dict(model="deeplabv3_resnet101", aux_loss=True, amp="bf16", channels_last=True, optimizer="sgd", lr=0.007, compile=compile,
                 head_lr_mult=10.0, momentum=0.9, weight_decay=5e-4, log_every=20)
     trainer = make_trainer("cuda", batch_size=batch_size, **over)
     g = torch.Generator().manual_seed(0)
@@ -208,6 +212,7 @@ def main(argv=None):
     p.add_argument("which", choices=("overhead", "gpu", "inference", "inference-one"))
     p.add_argument("spec", nargs="?", help="inference-one: the measure_mode arguments as JSON")
     p.add_argument("--device", default="cpu", help="overhead, inference: cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="overhead, gpu: torch.compile segkit's model")
     a = p.parse_args(argv)
     if a.which == "inference-one": return print(json.dumps(measure_mode(**json.loads(a.spec))))
     if a.which == "inference":
@@ -215,11 +220,11 @@ def main(argv=None):
         for name in ("unet", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101"):
             print(format_inference_table(inference_cost(name, size=size, device=a.device)))
         return
-    if a.which == "gpu": res = gpu_throughput()
-    elif a.device == "cuda": res = loop_overhead(20, 8, 512, device="cuda", model="deeplabv3_resnet101", aux_loss=True, amp="bf16", channels_last=True)
-    else: res = loop_overhead(12, 8, 80)
+    if a.which == "gpu": res = gpu_throughput(compile=a.compile)
+    elif a.device == "cuda": res = loop_overhead(20, 8, 512, device="cuda", model="deeplabv3_resnet101", aux_loss=True, amp="bf16", channels_last=True, compile=a.compile)
+    else: res = loop_overhead(12, 8, 80, compile=a.compile)
     print(json.dumps(res, indent=1))
 
-# %% ../nbs/12_benchmarks.ipynb #a07f6e21
+# %% ../nbs/12_benchmarks.ipynb #c38db294
 #| eval: false
 if __name__ == "__main__": main()

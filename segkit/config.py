@@ -81,6 +81,7 @@ class Config:
     freeze_backbone: bool = _f(False, "train the head only")
     sync_bn: bool = _f(True, "SyncBatchNorm when distributed on GPU")
     channels_last: bool = _f(False, "channels-last memory format (faster convolutions on recent GPUs)")
+    compile: bool = _f(False, "torch.compile the model for training (the first step compiles; evaluation runs eagerly); see 12_benchmarks")
     # optimisation
     epochs: int = _f(30, "number of epochs")
     batch_size: int = _f(8, "training batch size per process")

@@ -144,17 +144,18 @@ def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool = True) -> nn.Modul
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 def unwrap(model: nn.Module) -> nn.Module:
-    "The model inside a DDP wrapper."
+    "The plain model inside `torch.compile`'s and DDP's wrappers (whose state dict has the model's own parameter names)."
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-# %% ../nbs/06_distributed.ipynb #50ccd31d
+# %% ../nbs/06_distributed.ipynb #263b9cab
 def free_port() -> int:
     "A free TCP port on 127.0.0.1 (for torchrun rendezvous in tests)."
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-# %% ../nbs/06_distributed.ipynb #2e6f5539
+# %% ../nbs/06_distributed.ipynb #10653127
 GLOO_STARTUP_FAILURES = ("connectFullMesh failed",)
 
 def run_torchrun(cmd: list, env: dict | None = None, timeout: float = 600, retries: int = 1):
