@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_benchmarks.ipynb #38746003
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, subprocess, sys, tempfile, time, weakref
 from pathlib import Path
 import torch
 from torch import nn
@@ -33,7 +33,10 @@ def make_trainer(device: str = "cpu", **overrides) -> Trainer:
     root = make_demo_dataset(Path(tempfile.gettempdir())/"segkit-bench-demo", n_train=16, n_val=4, size=64)
     cfg = make_config(PRESETS["demo"], {"data_root": str(root.parents[1]), "progress": False, "tensorboard": False,
                                          "num_workers": 0, "device": device, **overrides})
-    return Trainer(cfg, DistEnv(device=resolve_device(device)), Path(tempfile.mkdtemp()))
+    run_dir = Path(tempfile.mkdtemp())
+    trainer = Trainer(cfg, DistEnv(device=resolve_device(device)), run_dir)
+    weakref.finalize(trainer, shutil.rmtree, run_dir, True)               # the run folder goes with the trainer
+    return trainer
 
 def epoch_from_start(trainer):
     "One pass of `trainer.train_epoch` over all its batches (each pass starts the epoch again)."
