@@ -14,11 +14,12 @@ from .metrics import SegmentationLoss
 from .models import get_model
 from .config import make_config, PRESETS
 from .train import Trainer, to_input, autocast
-from .inference import InferenceOptions, TorchRunner, segment
+from .inference import InferenceOptions, TorchRunner, segment, slide_windows
 
 # %% auto #0
-__all__ = ['INFERENCE_MODES', 'InMemoryLoader', 'make_trainer', 'epoch_from_start', 'bare_steps', 'loop_overhead', 'measure_mode',
-           'slide_windows_for', 'inference_cost', 'format_inference_table', 'reference_steps', 'gpu_throughput', 'main']
+__all__ = ['INFERENCE_MODES', 'InMemoryLoader', 'make_trainer', 'epoch_from_start', 'bare_steps', 'time_runs', 'loop_overhead',
+           'measure_mode', 'slide_windows_for', 'inference_cost', 'format_inference_table', 'reference_steps',
+           'gpu_throughput', 'main']
 
 # %% ../nbs/12_benchmarks.ipynb #e834b179
 class InMemoryLoader:
@@ -57,6 +58,20 @@ def bare_steps(model, criterion, optimizer, batches, device, amp="none", channel
 def _sync(device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
+def time_runs(runs: dict, device, repeats: int = 3) -> tuple[dict, dict]:
+    "Seconds of each function in `runs`: its first call (warm-up: allocator, cuDNN autotuning, compilation), and the best of `repeats` calls after it, taken in turns."
+    def seconds(f):
+        _sync(device)
+        t0 = time.perf_counter()
+        f()
+        _sync(device)
+        return time.perf_counter() - t0
+    first = {k: seconds(f) for k, f in runs.items()}
+    best = {k: float("inf") for k in runs}
+    for _ in range(repeats):
+        for k, f in runs.items(): best[k] = min(best[k], seconds(f))
+    return first, best
+
 def loop_overhead(n_batches: int = 12, batch_size: int = 8, size: int = 80, repeats: int = 3, device: str = "cpu", **overrides) -> dict:
     "Steps/s of `Trainer.train_epoch` and of `bare_steps` on the same in-memory batches and model."
     trainer = make_trainer(device, batch_size=batch_size, **overrides)
@@ -70,21 +85,8 @@ def loop_overhead(n_batches: int = 12, batch_size: int = 8, size: int = 80, repe
     bare_opt = torch.optim.AdamW(bare.parameters(), lr=cfg.lr) if cfg.optimizer == "adamw" else torch.optim.SGD(bare.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     crit = SegmentationLoss(cfg.aux_weight).to(dev)
     runs = {"segkit": lambda: epoch_from_start(trainer), "bare": lambda: bare_steps(bare, crit, bare_opt, batches, dev, cfg.amp, cfg.channels_last)}
-    first = {}
-    for k, f in runs.items():                                     # warm-up (allocator, cuDNN autotuning, compilation)
-        t0 = time.perf_counter()
-        f()
-        _sync(dev)
-        first[k] = time.perf_counter() - t0
-    times = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, f in runs.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            f()
-            _sync(dev)
-            times[k].append(time.perf_counter() - t0)
-    sps = {k: n_batches / min(v) for k, v in times.items()}
+    first, best = time_runs(runs, dev, repeats)
+    sps = {k: n_batches / v for k, v in best.items()}
     return {"segkit_steps_per_s": sps["segkit"], "bare_steps_per_s": sps["bare"], "ratio": sps["segkit"] / sps["bare"],
             "images_per_s": {k: v * batch_size for k, v in sps.items()}, "device": str(dev), "model": cfg.model,
             "first_epoch_s": first, "compile": cfg.compile}
@@ -133,7 +135,7 @@ def measure_mode(model: str = "unet", mode: str = "whole", size=(256, 512), n_im
             "images_per_s": n_images / best, "peak_mib": peak, "device": str(dev), "threads": torch.get_num_threads()}
 
 def slide_windows_for(opts: InferenceOptions, h: int, w: int) -> list:
-    from segkit.inference import slide_windows
+    "The windows `opts` runs on an `h`x`w` image (one, the image, for whole-image modes)."
     return slide_windows(h, w, opts.crop, opts.stride) if opts.mode == "slide" else [(0, h, 0, w)]
 
 def inference_cost(model: str = "unet", modes=tuple(INFERENCE_MODES), size=(256, 512), n_images: int = 4, device: str = "cpu") -> list[dict]:
@@ -194,18 +196,8 @@ def gpu_throughput(batch_size: int = 8, size: int = 512, n_batches: int = 20, re
     runs = {"segkit_bf16_channels_last": lambda: epoch_from_start(trainer),
             "reference_fp32": lambda: reference_steps(ref, ref_opt, fl, dev, amp=False),
             "reference_amp_fp16": lambda: reference_steps(ref, ref_opt, fl, dev, amp=True, scaler=scaler)}
-    for f in runs.values():
-        f()
-        _sync(dev)
-    times = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, f in runs.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            f()
-            _sync(dev)
-            times[k].append(time.perf_counter() - t0)
-    ips = {k: n_batches * batch_size / min(v) for k, v in times.items()}
+    _, best = time_runs(runs, dev, repeats)
+    ips = {k: n_batches * batch_size / v for k, v in best.items()}
     return {"images_per_s": ips, "speedup_vs_fp32": ips["segkit_bf16_channels_last"] / ips["reference_fp32"],
             "speedup_vs_amp": ips["segkit_bf16_channels_last"] / ips["reference_amp_fp16"], "gpu": torch.cuda.get_device_name(dev),
             "torch": torch.__version__, "batch_size": batch_size, "size": size, "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30}

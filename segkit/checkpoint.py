@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, errno, json, logging, math, os, pickle, re, shutil, sys
 from pathlib import Path
 import torch
+from torch.optim.swa_utils import update_bn
 
 log = logging.getLogger("segkit")
 
@@ -229,26 +230,22 @@ def recompute_bn(weights: dict, ckpt: dict, steps: int, device="cpu") -> dict:
     from segkit.train import prepare_data
     from segkit.data import make_train_loader
     from segkit.runtime import to_input
+    if ckpt.get("format") == "segkit-weights-1":
+        raise CheckpointError("--recompute-bn needs training checkpoints (their config says where the run's data is); weights files do not hold it.")
     known = set(Config.__dataclass_fields__)
     cfg = make_config({k: v for k, v in (ckpt.get("config") or {}).items() if k in known and k not in ("resume", "preset")})
     cfg, train_ds, _, _ = prepare_data(cfg, device_type=torch.device(device).type)
     model = get_model(cfg.model, len(weights["classes"]), cfg.aux_loss, in_channels=cfg.in_channels, **cfg.model_kwargs)
     model.load_state_dict(weights["model"])
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        log.info("The model has no BatchNorm layers: nothing to recompute.")
-        return weights
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.to(device).train()
     loader = make_train_loader(train_ds, min(cfg.batch_size, len(train_ds)), cfg.seed, num_workers=0)
-    done = 0
-    while done < steps:
-        for images, _ in loader:
-            model(to_input(images, device, mean=cfg.mean, std=cfg.std))
-            done += 1
-            if done == steps: break
+    def batches():                                          # `steps` normalised batches, going round the data as often as needed
+        done = 0
+        while True:
+            for images, _ in loader:
+                if done == steps: return
+                yield to_input(images, device, mean=cfg.mean, std=cfg.std)
+                done += 1
+    update_bn(batches(), model.to(device))                   # torch's SWA helper: reset, cumulative average, training mode
     return {**weights, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "bn_recomputed_steps": steps}
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +268,7 @@ def _checkpoint_cli(argv=None):
         if not args.best[0].isdigit() or int(args.best[0]) < 1: raise ConfigError(f"--best N RUN_DIR: N must be a positive whole number, got {args.best[0]!r}.")
         paths += best_checkpoints(args.best[1], int(args.best[0]))
     if not paths: raise ConfigError("Give checkpoint files to average, or --best N RUN_DIR.")
+    if args.recompute_bn < 0: raise ConfigError(f"--recompute-bn {args.recompute_bn}: give a number of training batches (0 = keep the averaged statistics).")
     out = _new_file(args.output)
     weights = average_checkpoints(paths, args.model_weights)
     if args.recompute_bn: weights = recompute_bn(weights, load_checkpoint(paths[-1]), args.recompute_bn, args.device)

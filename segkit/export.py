@@ -38,6 +38,10 @@ class ExportModule(nn.Module):
 
 # %% ../nbs/09a_export.ipynb #9ef449fa
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
+try:
+    from torch.onnx import _constants as _onnx_constants
+    ONNX_OPSETS = (_onnx_constants.ONNX_MIN_OPSET, _onnx_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+except (ImportError, AttributeError): ONNX_OPSETS = (7, 20)       # torch's own bounds where it states them
 
 def _metadata(cfg: dict, classes, labels: LabelSpec, include_normalize: bool) -> dict:
     return {"format": "segkit-export-1", "classes": list(classes), "labels": labels.to_dict(), "include_normalize": include_normalize,
@@ -57,7 +61,12 @@ def export_model(checkpoint, fmt: str, output, weights: str = "auto", include_no
     if fmt not in FORMATS: raise ConfigError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}.")
     output = Path(output)
     if output.exists(): raise CheckpointError(f"{output} exists; segkit does not overwrite it. Choose another --output.")
-    if fmt == "onnx": onnx, _ = _need_onnx()
+    if sample_size is not None and (isinstance(sample_size, int) and sample_size < 8 or not isinstance(sample_size, int) and min(sample_size) < 8):
+        raise ConfigError(f"--sample-size {sample_size}: give one or two sizes of at least 8 pixels.")
+    if fmt == "onnx":
+        onnx, _ = _need_onnx()
+        low, high = ONNX_OPSETS
+        if not low <= opset <= high: raise ConfigError(f"--opset {opset}: torch's ONNX exporter writes opsets {low} to {high}; 17, the default, suits most runtimes.")
     model, cfg, classes = model_from_checkpoint(checkpoint, "cpu", weights)
     labels = checkpoint_labels(cfg, classes)
     meta = _metadata(cfg, classes, labels, include_normalize)
@@ -74,8 +83,10 @@ def export_model(checkpoint, fmt: str, output, weights: str = "auto", include_no
             warnings.simplefilter("ignore")                        # the exporters' deprecation notices; the check below is what counts
             if fmt == "onnx":
                 axes = {0: "batch", 2: "height", 3: "width"}
-                torch.onnx.export(module, (example,), tmp_name, dynamo=False, opset_version=opset, input_names=["image"],
-                                  output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
+                try: torch.onnx.export(module, (example,), tmp_name, dynamo=False, opset_version=opset, input_names=["image"],
+                                       output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
+                except (RuntimeError, ValueError) as e:          # torch's ONNX errors derive from these
+                    raise CheckpointError(f"ONNX export (opset {opset}) failed: {str(e).splitlines()[0][:300]}. Try another --opset (17 is the default), or --format torchscript.") from None
                 graph = onnx.load(tmp_name)
                 graph.metadata_props.add(key="segkit", value=json.dumps(meta))
                 onnx.save(graph, tmp_name)
@@ -92,7 +103,7 @@ def export_model(checkpoint, fmt: str, output, weights: str = "auto", include_no
 def check_export(model, cfg: dict, path, fmt: str, samples, atol: float = 1e-3) -> dict:
     "Run the exported file and PyTorch on `samples` (image files, or (H, W) sizes for random images); raise if they disagree."
     torch_run = TorchRunner(model, "cpu", mean=cfg.get("mean") or IMAGENET_MEAN, std=cfg.get("std") or IMAGENET_STD)
-    exported = open_exported(path, "cpu", fmt)[0]
+    exported = open_exported(path, "cpu", fmt)
     c, gen = cfg.get("in_channels") or 3, torch.Generator().manual_seed(0)
     worst, agree, total, flips = 0.0, 0, 0, 0
     for s in samples:
@@ -112,8 +123,8 @@ def check_export(model, cfg: dict, path, fmt: str, samples, atol: float = 1e-3) 
 
 # %% ../nbs/09a_export.ipynb #ad9b9b81
 class _ExportedRunner:
-    def __init__(self, meta: dict, device):
-        self.meta, self.device = meta, torch.device(device)
+    "What both exported runners share: the file's metadata, and the input it wants."
+    def __init__(self, meta: dict): self.meta = meta
     def prepare(self, images):
         if self.meta["include_normalize"]: return images.round().clamp(0, 255).to(torch.uint8)
         return to_input(images, images.device, mean=self.meta["mean"], std=self.meta["std"])
@@ -127,7 +138,7 @@ class OnnxRunner(_ExportedRunner):
         except Exception as e: raise CheckpointError(f"{path} is not a readable ONNX file ({str(e).splitlines()[0][:200]}).") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get("segkit")
         if raw is None: raise CheckpointError(f"{path} was not written by segkit.export (it has no segkit metadata: class names, normalisation).")
-        super().__init__(json.loads(raw), device)
+        super().__init__(json.loads(raw))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {"image": self.prepare(images).cpu().numpy()})[0]
@@ -140,23 +151,23 @@ class TorchScriptRunner(_ExportedRunner):
         try: self.module = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=extra).eval()
         except (RuntimeError, ValueError) as e: raise CheckpointError(f"{path} is not a readable TorchScript file ({str(e).splitlines()[0][:200]}).") from None
         if not extra["segkit.json"]: raise CheckpointError(f"{path} was not written by segkit.export (it has no segkit metadata).")
-        super().__init__(json.loads(extra["segkit.json"]), device)
+        super().__init__(json.loads(extra["segkit.json"]))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor: return self.module(self.prepare(images)).float()
 
 def open_exported(path, device="cpu", fmt: str | None = None):
-    "A runner for an exported file, and its metadata."
+    "A runner for an exported file (its metadata is `.meta`)."
     fmt = fmt or ("onnx" if str(path).endswith(".onnx") else "torchscript")
-    runner = OnnxRunner(path, device) if fmt == "onnx" else TorchScriptRunner(path, device)
-    return runner, runner.meta
+    return OnnxRunner(path, device) if fmt == "onnx" else TorchScriptRunner(path, device)
 
 def open_model(path, device="cpu", amp: str = "none", weights: str = "auto"):
     "A runner for `path` (.onnx, .ts, or a checkpoint/weights file) and what it needs: (runner, config dict, classes, LabelSpec)."
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f"Model file {path} not found.")
     if path.suffix in (".onnx", ".ts"):
-        runner, meta = open_exported(path, device)
+        runner = open_exported(path, device)
+        meta = runner.meta
         cfg = {**meta["config"], "in_channels": meta["in_channels"], "mean": meta["mean"], "std": meta["std"]}
         return runner, cfg, meta["classes"], LabelSpec.from_dict(meta["labels"])
     model, cfg, classes = model_from_checkpoint(path, device, weights)

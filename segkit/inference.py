@@ -16,7 +16,7 @@ log = logging.getLogger("segkit")
 
 # %% auto #0
 __all__ = ['log', 'INFERENCE_FLAGS', 'MODEL_FLAGS', 'InferenceOptions', 'TorchRunner', 'slide_windows', 'slide_logits', 'segment',
-           'evaluate_model', 'add_model_flags', 'add_inference_flags', 'inference_overrides', 'inference_options']
+           'evaluate_model', 'add_model_flags', 'add_inference_flags', 'inference_overrides']
 
 # %% ../nbs/07b_inference.ipynb #516b86c2
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def add_inference_flags(p):
     g.add_argument("--scales", type=float, nargs="+", metavar="S", help="multi-scale test-time augmentation, e.g. 0.75 1.0 1.25")
     return p
 
-INFERENCE_FLAGS = ("mode", "crop", "stride", "size", "tta", "scales")
+INFERENCE_FLAGS = ("mode", "crop", "stride", "size", "tta", "scales")       # their names, for check_unknown's suggestions
 MODEL_FLAGS = ("checkpoint", "model_weights", "device", "amp")
 
 def inference_overrides(args) -> dict:
@@ -178,7 +178,3 @@ def inference_overrides(args) -> dict:
     flags = dict(mode=args.mode, crop=args.crop, stride=args.stride, size=args.size, scales=args.scales,
                  flip=None if args.tta is None else args.tta == "flip")
     return {k: v for k, v in flags.items() if v is not None}
-
-def inference_options(args, cfg: dict) -> InferenceOptions:
-    "The options parsed flags ask for, on top of the run's config."
-    return InferenceOptions.from_config(cfg, **inference_overrides(args))

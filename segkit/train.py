@@ -206,7 +206,7 @@ class ModelEMA:
         for k, v in mine.items():
             if not v.dtype.is_floating_point: v.copy_(theirs[k])
 
-    def state_dict(self) -> dict: return {"model": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+    def state_dict(self) -> dict: return {"model": self.module.state_dict(), "updates": self.updates}
     def load_state_dict(self, sd: dict):
         self.module.load_state_dict(sd["model"])
         self.updates = sd["updates"]
@@ -448,13 +448,13 @@ def evaluate(self: Trainer, epoch: int) -> dict:
     weights = [("", self.model)]
     if self.ema: weights = [("", self.ema.module), ("raw_", self.model)] if cfg.eval_ema else [("", self.model), ("ema_", self.ema.module)]
     record = {"epoch": epoch + 1, "step": self.step, "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1)}
+    scored = []                                                          # (prefix, result, examples); the first one ranks
     for prefix, model in weights:
         cm, examples = evaluate_model(getattr(model, "_orig_mod", model), self.val_loader, self.num_classes, self.device, cfg.amp, cfg.channels_last,
                                       keep_examples=4 if self.env.is_main and not prefix else 0, mean=cfg.mean, std=cfg.std, opts=self.eval_opts)
-        r = cm.compute()
-        record.update({prefix + k: r[k] for k in ("miou", "pixel_acc", "mean_acc", "mean_dice")})
-        if not prefix: main_result, main_examples = r, examples
-    r, examples = main_result, main_examples
+        scored.append((prefix, cm.compute(), examples))
+        record.update({prefix + k: scored[-1][1][k] for k in ("miou", "pixel_acc", "mean_acc", "mean_dice")})
+    _, r, examples = scored[0]
     record["iou"] = {c: (v if v == v else None) for c, v in zip(self.classes, r["iou"])}
     self.history.append(record)
     if self.env.is_main:
