@@ -85,7 +85,7 @@ class Config:
     # optimisation
     epochs: int = _f(30, "number of epochs")
     batch_size: int = _f(8, "training batch size per process")
-    eval_batch_size: int = _f(1, "evaluation batch size per process (1 = full images, the VOC protocol)")
+    eval_batch_size: int = _f(1, "evaluation batch size per process; only images of one size share a batch (nothing padded), so scores do not depend on it")
     optimizer: str = _f("adamw", "sgd or adamw")
     lr: float = _f(0.003, "learning rate (the backbone's; the head gets lr x head_lr_mult)")
     head_lr_mult: float = _f(1.0, "head learning-rate multiplier")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #adc0088b
 from __future__ import annotations
-import copy, functools, itertools, json, shutil, tempfile
+import collections, copy, functools, itertools, json, shutil, tempfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from .labels import IGNORE_INDEX, DataError, VOC_CLASSES, voc_palette, LabelSpec
 # %% auto #0
 __all__ = ['DEMO_CLASSES', 'read_image', 'read_mask', 'SegmentationDataset', 'find_voc_root', 'VOCSegmentation', 'find_sbd_root',
            'SBDSegmentation', 'VOCSBDTrain', 'split_indices', 'make_demo_dataset', 'ResumableDistributedSampler',
-           'ExactShardSampler', 'pad_collate', 'make_train_loader', 'make_eval_loader', 'set_loader_epoch']
+           'ExactShardSampler', 'pad_collate', 'make_train_loader', 'image_size', 'SameSizeBatchSampler',
+           'make_eval_loader', 'set_loader_epoch']
 
 # %% ../nbs/01_data.ipynb #ed927fd8
 _TV_FORMATS = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
@@ -80,11 +81,16 @@ class SegmentationDataset(Dataset):
         return img, mask
 
     def __getitem__(self, i):
+        epoch = self.epoch
+        if isinstance(i, tuple):                                         # (epoch, index) from the training sampler, for persistent workers
+            epoch, i = i
+            seeder = getattr(self, "worker_seeder", None)
+            if seeder is not None: seeder.at_epoch(epoch)
         img, mask = self.load(i)
         if self.transforms is None: return img, mask
         if self.seed is None: return self.transforms(img, mask)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, self.epoch, i))
+            torch.manual_seed(derive_seed(self.seed, epoch, i))
             return self.transforms(img, mask)
 
     def subset(self, indices, name=None):
@@ -238,14 +244,16 @@ def make_demo_dataset(root, n_train: int = 480, n_val: int = 80, size: int = 96,
 
 # %% ../nbs/01_data.ipynb #c63b94fa
 class ResumableDistributedSampler(DistributedSampler):
-    "`DistributedSampler` that can start `skip` samples into this rank's shard of an epoch."
-    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False):
+    "`DistributedSampler` that can start `skip` samples into this rank's shard of an epoch; with `keyed`, it yields `(epoch, index)`."
+    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False, keyed=False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.skip = 0
+        self.skip, self.keyed = 0, keyed
     def set_epoch(self, epoch: int, skip: int = 0):
         super().set_epoch(epoch)
         self.skip = skip
-    def __iter__(self): return itertools.islice(super().__iter__(), self.skip, None)
+    def __iter__(self):
+        indices = itertools.islice(super().__iter__(), self.skip, None)
+        return ((self.epoch, i) for i in indices) if self.keyed else indices
     def __len__(self): return max(self.num_samples - self.skip, 0)
 
 class ExactShardSampler(Sampler):
@@ -266,16 +274,43 @@ def pad_collate(batch, sizes: bool = False):
     return (imgs, masks, [tuple(b[0].shape[-2:]) for b in batch]) if sizes else (imgs, masks)
 
 def make_train_loader(ds, batch_size, seed=0, rank=0, world_size=1, num_workers=0, pin_memory=False, drop_last=True):
-    "Shuffled, sharded, resumable training loader; workers seeded per (seed, rank, epoch, worker)."
-    sampler = ResumableDistributedSampler(ds, world_size, rank, shuffle=True, seed=seed)
+    "Shuffled, sharded, resumable training loader; workers persistent, seeded per (seed, rank, epoch, worker)."
+    keyed = isinstance(ds, SegmentationDataset)                          # its items take (epoch, index), so workers may live on
+    sampler = ResumableDistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, keyed=keyed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       drop_last=drop_last, collate_fn=pad_collate, worker_init_fn=WorkerSeeder(seed, rank),
-                      generator=torch.Generator().manual_seed(derive_seed(seed, rank)))
+                      persistent_workers=keyed and num_workers > 0, generator=torch.Generator().manual_seed(derive_seed(seed, rank)))
+
+def image_size(path) -> tuple | None:
+    "(height, width) of an image from its header (nothing decoded); None when PIL cannot tell."
+    try:
+        with Image.open(path) as im: return im.height, im.width
+    except (OSError, ValueError, SyntaxError): return None
+
+class SameSizeBatchSampler(Sampler):
+    "Batches of up to `batch_size` indices of `sampler` whose images have the same size (`sizes[i]`): nothing is padded. Order within a size is kept."
+    def __init__(self, sampler, sizes, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+        self.keys = {i: sizes[i] if sizes[i] is not None else ("unknown", i) for i in sampler}   # an unreadable header: a batch of its own
+    def __iter__(self):
+        waiting = {}
+        for i in self.sampler:
+            batch = waiting.setdefault(self.keys[i], [])
+            batch.append(i)
+            if len(batch) == self.batch_size: yield waiting.pop(self.keys[i])
+        yield from waiting.values()
+    def __len__(self):
+        counts = collections.Counter(self.keys.values())
+        return sum(-(-n // self.batch_size) for n in counts.values())
 
 def make_eval_loader(ds, batch_size=1, rank=0, world_size=1, num_workers=0, pin_memory=False):
-    "Evaluation loader: every sample on exactly one rank, in order; batches are `(images, masks, sizes)`."
-    return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(ds, world_size, rank), num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=functools.partial(pad_collate, sizes=True), generator=torch.Generator().manual_seed(0))
+    "Evaluation loader: every sample on exactly one rank, batches of same-size images, workers persistent; batches are `(images, masks, sizes)`."
+    shard = ExactShardSampler(ds, world_size, rank)
+    batching = dict(batch_size=batch_size, sampler=shard)
+    if batch_size > 1 and isinstance(ds, SegmentationDataset):
+        batching = dict(batch_sampler=SameSizeBatchSampler(shard, {i: image_size(ds.images[i]) for i in shard}, batch_size))
+    return DataLoader(ds, **batching, num_workers=num_workers, pin_memory=pin_memory, collate_fn=functools.partial(pad_collate, sizes=True),
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
 
 def set_loader_epoch(loader, epoch: int, skip_batches: int = 0):
     "Move a training loader to `epoch`, skipping the first `skip_batches` batches of this rank's shard."
@@ -283,7 +318,7 @@ def set_loader_epoch(loader, epoch: int, skip_batches: int = 0):
     if hasattr(loader.dataset, "set_epoch"): loader.dataset.set_epoch(epoch)
     if isinstance(loader.worker_init_fn, WorkerSeeder): loader.worker_init_fn.epoch = epoch
 
-# %% ../nbs/01_data.ipynb #bbeb8029
+# %% ../nbs/01_data.ipynb #9f95a2ec
 #| eval: false
 if __name__ == "__main__":
     from segkit.report import main

@@ -153,7 +153,7 @@ def main(argv=None): exit_process(run_cli(_evaluate_cli, argv))
 #| eval: false
 if __name__ == "__main__": main()
 
-# %% ../nbs/09_evaluate.ipynb #b65e3abd
+# %% ../nbs/09_evaluate.ipynb #fd97844b
 @torch.no_grad()
 def show_results(model, dataset, indices=(0, 1, 2), device="cpu", figsize_per=3.0, opts: InferenceOptions = InferenceOptions(),
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):

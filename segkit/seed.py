@@ -41,8 +41,15 @@ class WorkerSeeder:
         random.seed(s)
         np.random.seed(s % 2**32)
         torch.manual_seed(s)
+        info = torch.utils.data.get_worker_info()
+        if info is not None: info.dataset.worker_seeder = self          # so that a persistent worker can be told of a new epoch
+    def at_epoch(self, epoch: int):
+        "In a worker that lives on from epoch to epoch: seed its streams for `epoch`, as a new worker would be."
+        if epoch == self.epoch: return
+        self.epoch = epoch
+        self(torch.utils.data.get_worker_info().id)
 
-# %% ../nbs/00_seed.ipynb #7e7e19b8
+# %% ../nbs/00_seed.ipynb #74f179c1
 def get_rng_state() -> dict:
     "The state of every generator of this process: python, numpy, torch CPU and each CUDA device."
     _, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
