@@ -25,8 +25,8 @@ from .inference import InferenceOptions, TorchRunner, segment, slide_windows
 __all__ = ['INFERENCE_MODES', 'PEAK_TFLOPS', 'InMemoryLoader', 'make_trainer', 'epoch_from_start', 'bare_steps', 'time_runs',
            'peak_memory_mib', 'loop_overhead', 'measure_mode', 'slide_windows_for', 'inference_cost',
            'format_inference_table', 'peak_tflops_for', 'step_flops', 'training_flops', 'step_settings',
-           'reference_steps', 'step_throughput', 'format_step_table', 'ReferenceVOC', 'reference_epoch',
-           'pipeline_throughput', 'format_pipeline', 'main']
+           'reference_steps', 'step_throughput', 'format_step_table', 'grad_checkpoint_cost', 'format_checkpoint_cost',
+           'ReferenceVOC', 'reference_epoch', 'pipeline_throughput', 'format_pipeline', 'main']
 
 # %% ../nbs/12_benchmarks.ipynb #e834b179
 class InMemoryLoader:
@@ -220,12 +220,13 @@ def reference_steps(model, optimizer, batches, device, amp: bool = False, scaler
         loss.item()
 
 def step_throughput(model: str = "deeplabv3_resnet101", device: str = "cuda", batch_size: int = 16, size: int = 512, n_batches: int = 10,
-                    repeats: int = 3, compile: bool = False, peak_tflops: float | None = None, reference: bool = True, **model_kwargs) -> dict:
-    "Images/s, TFLOP/s, MFU and (CUDA) peak memory of segkit's training step and of the reference step, on the same in-memory batches."
+                    repeats: int = 3, compile: bool = False, peak_tflops: float | None = None, reference: bool = True, grad_checkpoint: bool = False,
+                    **model_kwargs) -> dict:
+    "Images/s, TFLOP/s, MFU and peak memory (CUDA, or segkit's step alone) of segkit's training step and of the reference step, on the same in-memory batches."
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     over = step_settings(model, dev)
-    trainer = make_trainer(str(dev), batch_size=batch_size, compile=compile, model_kwargs=model_kwargs, **over)
+    trainer = make_trainer(str(dev), batch_size=batch_size, compile=compile, grad_checkpoint=grad_checkpoint, model_kwargs=model_kwargs, **over)
     g = torch.Generator().manual_seed(0)
     u8 = [(torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
            torch.randint(0, trainer.num_classes, (batch_size, size, size), dtype=torch.uint8, generator=g)) for _ in range(n_batches)]
@@ -244,7 +245,7 @@ def step_throughput(model: str = "deeplabv3_resnet101", device: str = "cuda", ba
             runs["reference_amp_fp16"] = lambda: reference_steps(ref, ref_opt, floats, dev, amp=True, scaler=scaler)
     peaks = {}
     for k, f in runs.items():                                            # each one's first pass: allocation, autotuning, compilation
-        if cuda: peaks[k] = peak_memory_mib(dev, f)
+        if cuda or len(runs) == 1: peaks[k] = peak_memory_mib(dev, f)
         else:
             f()
             peaks[k] = None                                              # one process's resident memory, shared: no fair figure
@@ -257,7 +258,8 @@ def step_throughput(model: str = "deeplabv3_resnet101", device: str = "cuda", ba
         rows[k] = {"images_per_s": ips, "tflop_per_s": ips * flops / 1e12, "mfu": ips * flops / 1e12 / peak_tflops if peak_tflops else None,
                    "peak_mib": peaks[k]}
     return {"model": model, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if cuda else f"cpu, {torch.get_num_threads()} threads",
-            "batch_size": batch_size, "size": size, "segkit_settings": f"amp {over['amp']}, channels_last {over['channels_last']}, compile {compile}",
+            "batch_size": batch_size, "size": size,
+            "segkit_settings": f"amp {over['amp']}, channels_last {over['channels_last']}, compile {compile}, grad_checkpoint {grad_checkpoint}",
             "tflop_per_image": flops / 1e12, "peak_tflops": peak_tflops, "torch": torch.__version__, "rows": rows, "compile_seconds": trainer.compile_seconds}
 
 def format_step_table(res: dict) -> str:
@@ -272,6 +274,26 @@ def format_step_table(res: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/12_benchmarks.ipynb #80e6080c
+def grad_checkpoint_cost(model: str = "unet", device: str = "cpu", batch_size: int = 4, size: int = 192, n_batches: int = 3, **model_kwargs) -> list[dict]:
+    "`step_throughput` of segkit's step without and with `grad_checkpoint`, each in a fresh process (so that the peak memory is its own)."
+    rows = []
+    for on in (False, True):
+        spec = json.dumps(dict(model=model, device=device, batch_size=batch_size, size=size, n_batches=n_batches, repeats=2, reference=False,
+                               grad_checkpoint=on, **model_kwargs))
+        r = subprocess.run([sys.executable, "-m", "segkit.benchmarks", "step-one", spec], capture_output=True, text=True, env=os.environ)
+        if r.returncode: raise RuntimeError(f"benchmark of grad_checkpoint={on} failed: {r.stderr[-2000:]}")
+        res = json.loads(r.stdout.splitlines()[-1])
+        rows.append({"model": model, "grad_checkpoint": on, "images_per_s": res["rows"]["segkit"]["images_per_s"], "peak_mib": res["rows"]["segkit"]["peak_mib"],
+                     "device": res["device_name"], "batch_size": batch_size, "size": size})
+    return rows
+
+def format_checkpoint_cost(rows) -> str:
+    "The rows of `grad_checkpoint_cost` as a line: images/s and peak MiB without and with, and the ratios."
+    off, on = rows
+    return (f"{off['model']}, batch {off['batch_size']} at {off['size']}x{off['size']}, {off['device']}: {off['images_per_s']:.2f} -> {on['images_per_s']:.2f} images/s "
+            f"({on['images_per_s'] / off['images_per_s']:.2f}x), peak {off['peak_mib']:.0f} -> {on['peak_mib']:.0f} MiB ({on['peak_mib'] / off['peak_mib']:.2f}x)")
+
+# %% ../nbs/12_benchmarks.ipynb #a273dfbc
 class ReferenceVOC(torch.utils.data.Dataset):
     "torchvision references/segmentation's data path on a VOC-layout folder: PIL decoding, random resize (0.5-2x base), flip, pad and crop, host normalisation."
     def __init__(self, voc, split: str, base_size: int, crop_size: int, train: bool):
@@ -371,17 +393,17 @@ def format_pipeline(res: dict) -> str:
             f"segkit end to end / in memory {res['end_to_end_vs_in_memory']:.3f}; segkit / reference {res['segkit_vs_reference']:.3f}\n"
             f"segkit per epoch: {per(p)}\nreference per epoch: {per(q)}")
 
-# %% ../nbs/12_benchmarks.ipynb #13a23fa0
+# %% ../nbs/12_benchmarks.ipynb #504df75b
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m segkit.benchmarks", description="segkit benchmarks (figures, not tests)")
-    p.add_argument("which", choices=("overhead", "step", "gpu", "pipeline", "inference", "inference-one"))
-    p.add_argument("spec", nargs="?", help="inference-one: the measure_mode arguments as JSON")
+    p.add_argument("which", choices=("overhead", "step", "gpu", "grad-checkpoint", "pipeline", "inference", "inference-one", "step-one"))
+    p.add_argument("spec", nargs="?", help="inference-one, step-one: the measure_mode or step_throughput arguments as JSON")
     p.add_argument("--device", default="cpu", help="overhead, step, pipeline, inference: cpu or cuda")
     p.add_argument("--compile", action="store_true", help="overhead, step, gpu: torch.compile segkit's model")
-    p.add_argument("--models", nargs="+", default=["deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "unet"], help="step, gpu")
+    p.add_argument("--models", nargs="+", default=["deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "unet"], help="step, gpu, grad-checkpoint")
     p.add_argument("--model", default="unet", help="pipeline")
-    p.add_argument("--batch-size", type=int, default=None, help="step, gpu (default 16, or 4 on the CPU), pipeline (default 8)")
-    p.add_argument("--size", type=int, default=None, help="step, gpu: square image size (default 512, or 128 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="step, gpu, grad-checkpoint (default 16, or 4 on the CPU), pipeline (default 8)")
+    p.add_argument("--size", type=int, default=None, help="step, gpu, grad-checkpoint: square image size (default 512; on the CPU 128, or 192)")
     p.add_argument("--peak-tflops", type=float, default=None, help="step, gpu: the device's peak, when its name is not in PEAK_TFLOPS")
     p.add_argument("--data-root", help="pipeline: a VOC-layout data set")
     p.add_argument("--crop-size", type=int, default=160, help="pipeline")
@@ -390,6 +412,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="pipeline")
     a = p.parse_args(argv)
     if a.which == "inference-one": return print(json.dumps(measure_mode(**json.loads(a.spec))))
+    if a.which == "step-one": return print(json.dumps(step_throughput(**json.loads(a.spec))))
     if a.which == "inference":
         size = (1024, 2048) if a.device == "cuda" else (256, 512)
         for name in ("unet", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101"):
@@ -402,6 +425,10 @@ def main(argv=None):
             res = step_throughput(name, device, a.batch_size or (4 if cpu else 16), a.size or (128 if cpu else 512), compile=a.compile, peak_tflops=a.peak_tflops)
             print(format_step_table(res))
         return
+    if a.which == "grad-checkpoint":
+        cpu = a.device == "cpu"
+        for name in a.models: print(format_checkpoint_cost(grad_checkpoint_cost(name, a.device, a.batch_size or (4 if cpu else 16), a.size or (192 if cpu else 512))))
+        return
     if a.which == "pipeline":
         if not a.data_root: p.error("pipeline needs --data-root (a VOC-layout data set)")
         return print(format_pipeline(pipeline_throughput(a.data_root, a.model, a.device, a.batch_size or 8, a.crop_size, a.base_size, a.epochs, a.num_workers)))
@@ -409,6 +436,6 @@ def main(argv=None):
     else: res = loop_overhead(12, 8, 80, compile=a.compile)
     print(json.dumps(res, indent=1))
 
-# %% ../nbs/12_benchmarks.ipynb #6a84ac4a
+# %% ../nbs/12_benchmarks.ipynb #10fcdfe3
 #| eval: false
 if __name__ == "__main__": main()

@@ -82,6 +82,7 @@ class Config:
     sync_bn: bool = _f(True, "SyncBatchNorm when distributed on GPU")
     channels_last: bool = _f(False, "channels-last memory format (faster convolutions on recent GPUs)")
     compile: bool = _f(False, "torch.compile the model for training (the first step compiles; evaluation runs eagerly); see 12_benchmarks")
+    grad_checkpoint: bool = _f(False, "recompute the backbone blocks' activations in the backward pass: less memory for bigger batches or crops, more time; see 12_benchmarks")
     # optimisation
     epochs: int = _f(30, "number of epochs")
     batch_size: int = _f(8, "training batch size per process")
@@ -207,6 +208,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"Config key 'eval_scales' takes positive factors, e.g. [0.75, 1.0, 1.25], got {cfg.eval_scales!r}.")
     if not 0 <= cfg.ema_decay < 1: raise ConfigError(f"Config key 'ema_decay' must be in [0, 1) (e.g. 0.9998; 0 = off), got {cfg.ema_decay}.")
     if cfg.eval_ema and not cfg.ema_decay: raise ConfigError("Config key 'eval_ema' needs EMA weights: set 'ema_decay' too (e.g. --ema-decay 0.9998).")
+    if cfg.grad_checkpoint and cfg.compile:
+        raise ConfigError("Config keys 'grad_checkpoint' and 'compile' cannot be combined (torch.compile cannot trace the recomputation that keeps "
+                          "BatchNorm statistics exact): choose one of them.")
     if not 0 < cfg.lr < 10: raise ConfigError(f"Config key 'lr' must be in (0, 10), got {cfg.lr}.")
     if cfg.dist_timeout <= 0: raise ConfigError(f"Config key 'dist_timeout' must be positive (seconds), got {cfg.dist_timeout}.")
     if not 0 < cfg.scale_min <= cfg.scale_max: raise ConfigError(f"Config keys 'scale_min' <= 'scale_max' must hold and be positive, got {cfg.scale_min}, {cfg.scale_max}.")

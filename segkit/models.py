@@ -4,9 +4,10 @@
 
 # %% ../nbs/03_models.ipynb #f836323a
 from __future__ import annotations
-import importlib
+import contextlib, functools, importlib
 from pathlib import Path
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import segmentation as tvseg, get_weight
@@ -14,7 +15,7 @@ from torchvision.models import segmentation as tvseg, get_weight
 # %% auto #0
 __all__ = ['TORCHVISION_MODELS', 'MODEL_NAMES', 'UNet', 'ModelError', 'WeightsError', 'import_object', 'resolve_weights',
            'load_state_dict_file', 'load_fitting_state', 'adapt_input_channels', 'get_model', 'param_groups',
-           'freeze_backbone', 'train_mode']
+           'freeze_backbone', 'train_mode', 'backbone_blocks', 'checkpoint_backbone']
 
 # %% ../nbs/03_models.ipynb #6a9208ca
 def _double_conv(cin, cout):
@@ -195,3 +196,40 @@ def train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
     model.train(mode)
     if mode and getattr(model, "backbone_frozen", False): model.backbone.eval()
     return model
+
+# %% ../nbs/03_models.ipynb #fb658f3d
+def backbone_blocks(model: nn.Module) -> list:
+    "The blocks of `model.backbone` that `checkpoint_backbone` recomputes: the blocks of plain `nn.Sequential` stages, and other children made of layers."
+    blocks = []
+    for child in model.backbone.children():
+        parts = list(child.children())
+        if not parts: continue                                           # a single layer: its output is the next one's input anyway
+        if type(child) is nn.Sequential and all(list(p.children()) for p in parts): blocks += parts    # a stage of blocks (ResNet's layer1-4)
+        else: blocks.append(child)
+    return blocks
+
+@contextlib.contextmanager
+def _running_stats_kept(block: nn.Module):
+    "Put back the BatchNorm statistics (means, variances, counts) of `block` as they were before the code inside ran."
+    stats = [b for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    before = [b.clone() for b in stats]
+    try: yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(stats, before): b.copy_(v)
+
+def _checkpointed_forward(block: nn.Module, *args):
+    forward = functools.partial(type(block).forward, block)
+    if not (block.training and torch.is_grad_enabled()): return forward(*args)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(block)))
+
+def checkpoint_backbone(model: nn.Module) -> int:
+    "Recompute each backbone block's activations in the backward pass instead of keeping them; returns the number of blocks."
+    if not isinstance(getattr(model, "backbone", None), nn.Module):
+        raise ModelError(f"{type(model).__name__} has no `backbone` module whose blocks could be recomputed: drop --grad-checkpoint, or give the model one.")
+    blocks = backbone_blocks(model)
+    for block in blocks: block.forward = functools.partial(_checkpointed_forward, block)
+    model.grad_checkpoint = True
+    return len(blocks)

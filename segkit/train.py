@@ -14,7 +14,7 @@ from .labels import DataError, count_labels, class_weights_from_counts, CLASS_WE
 from .data import make_demo_dataset, make_train_loader, make_eval_loader, set_loader_epoch
 from .layouts import DataOptions, open_datasets, data_sizes
 from .augment import train_transforms
-from .models import get_model, param_groups, freeze_backbone, import_object, WeightsError
+from .models import get_model, param_groups, freeze_backbone, checkpoint_backbone, import_object, WeightsError
 from .metrics import SegmentationLoss
 from .checkpoint import atomic_save, load_checkpoint, find_resume_checkpoint, BestCheckpoints, CheckpointError
 from .distributed import (DistEnv, init_distributed, cleanup_distributed, exit_process, resolve_device, wrap_model, unwrap, barrier,
@@ -228,6 +228,7 @@ class Trainer:
             seed_everything(cfg.seed, cfg.deterministic)
             model = get_model(cfg.model, self.num_classes, cfg.aux_loss, None, None, cfg.in_channels, **cfg.model_kwargs)
         if cfg.freeze_backbone: freeze_backbone(model)
+        if cfg.grad_checkpoint: log.info(f"Gradient checkpointing: {checkpoint_backbone(model)} backbone blocks recompute their activations in the backward pass")
         if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
         self.model = wrap_model(model, env, cfg.sync_bn)
         if cfg.compile: self.model = torch.compile(self.model, dynamic=False)  # lazy: the first step compiles, for the one training shape
