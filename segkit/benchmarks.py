@@ -4,20 +4,21 @@
 
 # %% ../nbs/12_benchmarks.ipynb #38746003
 from __future__ import annotations
-import argparse, gc, json, os, random, shutil, subprocess, sys, tempfile, time, weakref
+import argparse, gc, json, os, shutil, subprocess, sys, tempfile, time, weakref
 from pathlib import Path
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from .data import make_demo_dataset, find_voc_root
-from .distributed import DistEnv, resolve_device
+from .distributed import DistEnv, resolve_device, exit_process
 from .metrics import SegmentationLoss, ConfusionMatrix
 from .models import get_model
 from .config import make_config, preset_layer, PRESETS
-from .runtime import IMAGENET_MEAN, IMAGENET_STD
+from .runtime import IMAGENET_MEAN, IMAGENET_STD, run_cli
 from .train import Trainer, to_input, autocast
 from .inference import InferenceOptions, TorchRunner, segment, slide_windows
 
@@ -26,7 +27,8 @@ __all__ = ['INFERENCE_MODES', 'PEAK_TFLOPS', 'InMemoryLoader', 'make_trainer', '
            'peak_memory_mib', 'loop_overhead', 'measure_mode', 'slide_windows_for', 'inference_cost',
            'format_inference_table', 'peak_tflops_for', 'step_flops', 'training_flops', 'step_settings',
            'reference_steps', 'step_throughput', 'format_step_table', 'grad_checkpoint_cost', 'format_checkpoint_cost',
-           'ReferenceVOC', 'reference_epoch', 'pipeline_throughput', 'format_pipeline', 'main']
+           'reference_transforms', 'ReferenceVOC', 'reference_epoch', 'pipeline_throughput', 'format_pipeline',
+           'run_benchmarks', 'main']
 
 # %% ../nbs/12_benchmarks.ipynb #e834b179
 class InMemoryLoader:
@@ -294,26 +296,24 @@ def format_checkpoint_cost(rows) -> str:
             f"({on['images_per_s'] / off['images_per_s']:.2f}x), peak {off['peak_mib']:.0f} -> {on['peak_mib']:.0f} MiB ({on['peak_mib'] / off['peak_mib']:.2f}x)")
 
 # %% ../nbs/12_benchmarks.ipynb #a273dfbc
+def reference_transforms(base_size: int, crop_size: int, train: bool):
+    "torchvision references/segmentation's transforms, in torchvision's v2 API: random resize (0.5-2x base), flip, pad and crop for training, resize to base for evaluation; float, normalised."
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: 255}
+    ops = ([v2.RandomResize(base_size // 2, base_size * 2), v2.RandomHorizontalFlip(), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill)]
+           if train else [v2.Resize(base_size)])
+    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
 class ReferenceVOC(torch.utils.data.Dataset):
-    "torchvision references/segmentation's data path on a VOC-layout folder: PIL decoding, random resize (0.5-2x base), flip, pad and crop, host normalisation."
-    def __init__(self, voc, split: str, base_size: int, crop_size: int, train: bool):
-        self.voc = find_voc_root(voc)
+    "The reference script's data set on a VOC-layout folder: PIL decoding, then `transforms` on the (image, mask) pair, in the workers."
+    def __init__(self, voc, split: str, transforms):
+        self.voc, self.transforms = find_voc_root(voc), transforms
         self.ids = (self.voc/"ImageSets"/"Segmentation"/f"{split}.txt").read_text().split()
-        self.base_size, self.crop_size, self.train = base_size, crop_size, train
     def __len__(self): return len(self.ids)
     def __getitem__(self, i):
         img = Image.open(self.voc/"JPEGImages"/f"{self.ids[i]}.jpg").convert("RGB")
-        mask = Image.open(self.voc/"SegmentationClass"/f"{self.ids[i]}.png")
-        size = random.randint(self.base_size // 2, self.base_size * 2) if self.train else self.base_size
-        img, mask = TF.resize(img, [size]), TF.resize(mask, [size], interpolation=TF.InterpolationMode.NEAREST)
-        if self.train:
-            if random.random() < 0.5: img, mask = TF.horizontal_flip(img), TF.horizontal_flip(mask)
-            pad_h, pad_w = max(self.crop_size - img.height, 0), max(self.crop_size - img.width, 0)
-            img, mask = TF.pad(img, [0, 0, pad_w, pad_h], fill=0), TF.pad(mask, [0, 0, pad_w, pad_h], fill=255)
-            top, left = random.randint(0, img.height - self.crop_size), random.randint(0, img.width - self.crop_size)
-            img, mask = TF.crop(img, top, left, self.crop_size, self.crop_size), TF.crop(mask, top, left, self.crop_size, self.crop_size)
-        x = TF.normalize(TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
-        return x, torch.as_tensor(np.array(mask), dtype=torch.int64)
+        mask = tv_tensors.Mask(torch.from_numpy(np.array(Image.open(self.voc/"SegmentationClass"/f"{self.ids[i]}.png"))))
+        x, y = self.transforms(img, mask)
+        return x, y.as_subclass(torch.Tensor).long()
 
 def reference_epoch(model, optimizer, scheduler, train_loader, val_loader, device, amp: bool, scaler, num_classes: int, path: Path) -> dict:
     "One epoch of torchvision's reference script (training steps, evaluation image by image, a checkpoint); seconds of each phase."
@@ -362,9 +362,9 @@ def pipeline_throughput(data_root, model: str = "unet", device: str = "cpu", bat
         images = epochs * trainer.batches_per_epoch * batch_size
         del trainer
         gc.collect()                                                     # its persistent workers go with it
-        train_loader = torch.utils.data.DataLoader(ReferenceVOC(data_root, "train", base_size, crop_size, True), batch_size, shuffle=True,
+        train_loader = torch.utils.data.DataLoader(ReferenceVOC(data_root, "train", reference_transforms(base_size, crop_size, True)), batch_size, shuffle=True,
                                                    num_workers=num_workers, drop_last=True)
-        val_loader = torch.utils.data.DataLoader(ReferenceVOC(data_root, "val", base_size, crop_size, False), 1, num_workers=num_workers)
+        val_loader = torch.utils.data.DataLoader(ReferenceVOC(data_root, "val", reference_transforms(base_size, crop_size, False)), 1, num_workers=num_workers)
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         ref = get_model(model, 21, over["aux_loss"], **model_kwargs).to(dev)
@@ -393,8 +393,9 @@ def format_pipeline(res: dict) -> str:
             f"segkit end to end / in memory {res['end_to_end_vs_in_memory']:.3f}; segkit / reference {res['segkit_vs_reference']:.3f}\n"
             f"segkit per epoch: {per(p)}\nreference per epoch: {per(q)}")
 
-# %% ../nbs/12_benchmarks.ipynb #504df75b
-def main(argv=None):
+# %% ../nbs/12_benchmarks.ipynb #d4d13303
+def run_benchmarks(argv=None):
+    "The benchmarks' command line (printing its figures), as `python -m segkit.benchmarks` runs it."
     p = argparse.ArgumentParser(prog="python -m segkit.benchmarks", description="segkit benchmarks (figures, not tests)")
     p.add_argument("which", choices=("overhead", "step", "gpu", "grad-checkpoint", "pipeline", "inference", "inference-one", "step-one"))
     p.add_argument("spec", nargs="?", help="inference-one, step-one: the measure_mode or step_throughput arguments as JSON")
@@ -436,6 +437,8 @@ def main(argv=None):
     else: res = loop_overhead(12, 8, 80, compile=a.compile)
     print(json.dumps(res, indent=1))
 
-# %% ../nbs/12_benchmarks.ipynb #10fcdfe3
+def main(argv=None): exit_process(run_cli(run_benchmarks, argv))
+
+# %% ../nbs/12_benchmarks.ipynb #9843bedc
 #| eval: false
 if __name__ == "__main__": main()

@@ -318,7 +318,7 @@ def set_loader_epoch(loader, epoch: int, skip_batches: int = 0):
     if hasattr(loader.dataset, "set_epoch"): loader.dataset.set_epoch(epoch)
     if isinstance(loader.worker_init_fn, WorkerSeeder): loader.worker_init_fn.epoch = epoch
 
-# %% ../nbs/01_data.ipynb #9f95a2ec
+# %% ../nbs/01_data.ipynb #a531eca2
 #| eval: false
 if __name__ == "__main__":
     from segkit.report import main
