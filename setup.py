@@ -19,8 +19,9 @@ statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Produ
 py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
-dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
-export_requirements = shlex.split(cfg.get('export_requirements', ''))
+# every `NAME_requirements` key is an extra; `dev` adds the notebook tools to all of them
+extras = {k[:-len('_requirements')]: shlex.split(cfg[k]) for k in cfg if k.endswith('_requirements') and k not in ('requirements', 'dev_requirements')}
+extras['dev'] = shlex.split(cfg.get('dev_requirements', '')) + sorted({r for reqs in extras.values() for r in reqs})
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 min_python = cfg['min_python']
 console_scripts = [s.strip() for s in cfg.get('console_scripts', '').split('\n') if s.strip()]
@@ -37,7 +38,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'sbd': ['scipy'], 'mlflow': ['mlflow'], 'export': export_requirements},
+    extras_require=extras,
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
