@@ -70,3 +70,62 @@ def wait_for(predicate, timeout: float, poll: float = 0.02) -> bool:
 def remove(path):
     "Remove a scratch folder."
     shutil.rmtree(path, ignore_errors=True)
+
+
+# README.md and the notebook session in index.ipynb ----------------------------------------------------------------------
+
+def _text(x) -> str: return "".join(x) if isinstance(x, list) else str(x)
+
+
+def shown_outputs(outputs) -> list:
+    "The outputs of a cell that README.md shows: what it prints (stdout), its value, its pictures; not its log (stderr)."
+    keep = []
+    for o in outputs:
+        kind = o["output_type"]
+        if kind == "stream" and o.get("name") == "stdout": keep.append({"output_type": "stream", "name": "stdout", "text": _text(o["text"])})
+        elif kind in ("execute_result", "display_data"):
+            data = o.get("data", {})
+            if "image/png" in data: keep.append({"output_type": "display_data", "data": {"image/png": _text(data["image/png"]).strip()}, "metadata": {}})
+            elif "text/plain" in data: keep.append({"output_type": "display_data", "data": {"text/plain": _text(data["text/plain"])}, "metadata": {}})
+    return keep
+
+
+def render_readme(nb_path) -> tuple[str, dict]:
+    "README.md from the visible cells of `nb_path` (with their printed outputs and pictures), and the pictures it links to: {file name: PNG bytes}."
+    import base64, json
+    cells, parts, images = json.loads(Path(nb_path).read_text())["cells"], [], {}
+    for c in cells:
+        src = "".join(c["source"])
+        if src.lstrip().startswith("#| hide"): continue
+        if c["cell_type"] == "markdown":
+            parts.append(src.strip())
+            continue
+        code = "\n".join(l for l in src.splitlines() if not l.startswith("#|")).strip()
+        if code: parts.append(f"```python\n{code}\n```")
+        for k, o in enumerate(shown_outputs(c.get("outputs", []))):
+            if "image/png" in o.get("data", {}):
+                name = f"{c['id']}-{k}.png"
+                images[name] = base64.b64decode(o["data"]["image/png"])
+                parts.append(f"![](nbs/images/{name})")
+            else:
+                text = o["text"] if o["output_type"] == "stream" else o["data"]["text/plain"]
+                parts.append(f"```\n{text.rstrip()}\n```")
+    return "\n\n".join(parts) + "\n", images
+
+
+def run_session(nb_path, cwd) -> dict:
+    "Run the visible code cells of `nb_path` in a fresh shell, in folder `cwd`, as a user would; their shown outputs by cell id."
+    import json
+    from execnb.shell import CaptureShell
+    cells = [c for c in json.loads(Path(nb_path).read_text())["cells"]
+             if c["cell_type"] == "code" and not "".join(c["source"]).lstrip().startswith("#| hide")]
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        shell, out = CaptureShell(), {}
+        for c in cells:
+            outputs = shell.run("".join(c["source"]))
+            if shell.exc: raise RuntimeError(f"README cell {c['id']} failed:\n{''.join(c['source'])}\n{shell.exc!r}")
+            out[c["id"]] = shown_outputs(outputs)
+        return out
+    finally: os.chdir(old)
