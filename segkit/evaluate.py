@@ -77,14 +77,13 @@ def write_evaluation(result: dict, out) -> Path:
         w = csv.writer(f)
         w.writerow(["class", "iou", "dice", "accuracy", "pixels"])
         for c in result["iou"]: w.writerow([c, result["iou"][c], result["dice"][c], result["accuracy"][c], result["pixels"][c]])
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure                   # a figure of its own: no pyplot state, no backend switched under a notebook
     mat = np.array(result["confusion"], dtype=float)
     norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
     k = len(mat)
     size = min(2 + 0.35 * k, 30)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     names = list(result["iou"])
     ax.set_xticks(range(k))
@@ -96,7 +95,6 @@ def write_evaluation(result: dict, out) -> Path:
     ax.set_title(f"{result['split']}: mIoU {result['miou']:.4f}")
     fig.tight_layout()
     fig.savefig(out/"confusion.png", dpi=100)
-    plt.close(fig)
     return out
 
 EVAL_DATA_KEYS = tuple(k for k in DATA_KEYS if k != "in_channels")      # the model fixes the input channels

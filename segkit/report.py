@@ -113,12 +113,11 @@ def format_report(rep: dict) -> str:
 
 def plot_report(rep: dict, path) -> Path:
     "A bar chart of each class's pixel share per split, saved to `path`."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure                   # a figure of its own: no pyplot state, no backend switched under a notebook
     classes, splits = rep["classes"], list(rep["splits"])
     k = max(len(classes), 1)
-    fig, ax = plt.subplots(figsize=(min(4 + 0.3 * k * max(len(splits), 1), 40), 4))
+    fig = Figure(figsize=(min(4 + 0.3 * k * max(len(splits), 1), 40), 4))
+    ax = fig.subplots()
     width = 0.8 / max(len(splits), 1)
     for j, s in enumerate(splits):
         px = rep["splits"][s]["pixels"]
@@ -131,7 +130,6 @@ def plot_report(rep: dict, path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 def build_parser():
