@@ -56,6 +56,7 @@ FLAGS = {
     "best": Flag("model", "the best N checkpoints of a run folder", dict(nargs=2, metavar=("N", "RUN_DIR"))),
     "recompute_bn": Flag("model", "measure BatchNorm statistics again on STEPS training batches", dict(type=int, default=0, metavar="STEPS")),
     "models": Flag("model", "the models to measure", dict(nargs="+", metavar="MODEL")),
+    "encoders": Flag("model", "the encoders matching a pattern", dict(metavar="PATTERN")),
     "image_size": Flag("data", "square image size of the measurement", dict(type=int, metavar="N")),
     "peak_tflops": Flag("run", "the device's peak TFLOP/s, when its name is not in PEAK_TFLOPS", dict(type=float)),
 }

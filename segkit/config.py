@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 from .errors import ConfigError
 from .labels import MASK_MODES, CLASS_WEIGHT_METHODS
-from .models import MODEL_NAMES
+from .models import MODEL_NAMES, is_smp, smp_architecture
+from .errors import ModelError
 from .metrics import LOSSES
 
 # %% auto #0
@@ -70,7 +71,8 @@ class Config:
     eval_stride: list | None = setting(None, "slide step [H, W] (or one number); default: two thirds of the window", "evaluation")
     eval_flip: bool = setting(False, "evaluate with flip test-time augmentation", "evaluation")
     eval_scales: list | None = setting(None, "evaluate with multi-scale test-time augmentation, e.g. [0.75, 1.0, 1.25]", "evaluation")
-    model: str = setting("unet", "model name, or 'package.module:Name'", "model")
+    model: str = setting("unet", "model: unet, a torchvision model (deeplabv3_resnet101, ...), smp:<architecture> (smp:deeplabv3plus, smp:segformer, ...; needs segkit[models]), or 'package.module:Name'", "model")
+    encoder: str | None = setting(None, "encoder of an smp: model: an smp encoder name (resnet50, mit_b2, efficientnet-b4, ...) or tu-<timm model> (tu-convnext_tiny, ...); default: the architecture's", "model")
     model_kwargs: dict = setting(None, "extra keyword arguments for the model", "model", factory=dict)
     aux_loss: bool = setting(False, "train the auxiliary head (DeepLabV3/FCN)", "model")
     aux_weight: float = setting(0.5, "weight of the auxiliary loss", "optimisation")
@@ -175,6 +177,10 @@ def validate(cfg: Config) -> Config:
         v = getattr(cfg, k)
         if v not in choices and not (v is None and FIELDS[k].default is None):
             raise ConfigError(f"Config key {k!r} must be one of {list(choices)}, got {v!r}.{suggest(str(v), choices)}")
+    if is_smp(cfg.model):
+        try: smp_architecture(cfg.model)
+        except ModelError as e: raise ConfigError(f"Config key 'model': {e}") from None
+    elif cfg.encoder: raise ConfigError(f"Config key 'encoder' ({cfg.encoder}) is for the smp: models; {cfg.model} has its own backbone.")
     if ":" not in cfg.model and cfg.model not in MODEL_NAMES:
         raise ConfigError(f"Config key 'model': unknown model {cfg.model!r}.{suggest(cfg.model, MODEL_NAMES)} Known: {', '.join(MODEL_NAMES)}, or 'package.module:Name'.")
     for k in ("epochs", "batch_size", "eval_batch_size", "accumulate", "eval_every", "crop_size", "base_size", "log_every", "debug_samples"):

@@ -70,12 +70,12 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)                      # identical initial weights on every rank
         if self.device.type == "cuda" and not cfg.deterministic: torch.backends.cudnn.benchmark = True
-        try: model = get_model(cfg.model, self.num_classes, cfg.aux_loss, cfg.weights, cfg.weights_backbone, cfg.in_channels, **cfg.model_kwargs)
+        try: model = get_model(cfg.model, self.num_classes, cfg.aux_loss, cfg.weights, cfg.weights_backbone, cfg.in_channels, cfg.encoder, **cfg.model_kwargs)
         except WeightsError as e:
             if not cfg.debug: raise
             log.warning(f"Debug mode: {e} Going on without pretrained weights.")
             seed_everything(cfg.seed, cfg.deterministic)
-            model = get_model(cfg.model, self.num_classes, cfg.aux_loss, None, None, cfg.in_channels, **cfg.model_kwargs)
+            model = get_model(cfg.model, self.num_classes, cfg.aux_loss, None, None, cfg.in_channels, cfg.encoder, **cfg.model_kwargs)
         if cfg.freeze_backbone: freeze_backbone(model)
         if cfg.grad_checkpoint: log.info(f"Gradient checkpointing: {checkpoint_backbone(model)} backbone blocks recompute their activations in the backward pass")
         if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
@@ -144,6 +144,10 @@ class Trainer:
     def load(self, ckpt: dict, source: Path):
         "Resume from checkpoint `ckpt` (read from `source`)."
         theirs = (ckpt.get("model_name"), ckpt.get("num_classes"))
+        encoder = (ckpt.get("config") or {}).get("encoder")
+        if encoder != self.cfg.encoder:
+            raise CheckpointError(f"Checkpoint {source} is for {theirs[0]} with encoder {encoder}, but this run builds it with encoder {self.cfg.encoder}. "
+                                  "Resume with the same --encoder, or start a new --run-dir.")
         if theirs != (self.cfg.model, self.num_classes):
             raise CheckpointError(f"Checkpoint {source} is for model {theirs[0]} with {theirs[1]} classes, but this run builds "
                                   f"{self.cfg.model} with {self.num_classes} classes. Resume with the same --model and data, "

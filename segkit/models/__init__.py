@@ -4,18 +4,22 @@
 
 # %% ../../nbs/14_models.ipynb #f836323a
 from __future__ import annotations
-import contextlib, functools, importlib
+import contextlib, difflib, functools, importlib, inspect, json, logging
 from pathlib import Path
 import torch
 import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import segmentation as tvseg, get_weight
-from ..errors import ModelError, WeightsError
+from ..errors import ModelError, WeightsError, import_extra
+
+log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['TORCHVISION_MODELS', 'MODEL_NAMES', 'UNet', 'import_object', 'resolve_weights', 'load_state_dict_file',
-           'load_fitting_state', 'adapt_input_channels', 'get_model', 'param_groups', 'freeze_backbone', 'train_mode',
+__all__ = ['log', 'TORCHVISION_MODELS', 'MODEL_NAMES', 'SMP_ARCHITECTURES', 'SMP_DEFAULT_ENCODERS', 'SMP_SIZE_MULTIPLES', 'UNet',
+           'import_object', 'resolve_weights', 'load_state_dict_file', 'load_fitting_state', 'adapt_input_channels',
+           'get_model', 'is_smp', 'smp_architecture', 'smp_default_encoder', 'SmpModel', 'load_encoder_weights',
+           'smp_model', 'load_smp_weights', 'param_groups', 'freeze_backbone', 'train_mode', 'stage_blocks',
            'backbone_blocks', 'checkpoint_backbone']
 
 # %% ../../nbs/14_models.ipynb #6a9208ca
@@ -85,8 +89,10 @@ def resolve_weights(spec, default_enum: str | None = None) -> Path:
 
 def load_state_dict_file(path) -> dict:
     "A state dict from a file (plain, or a segkit checkpoint's `model`), loaded with `weights_only=True`; DDP's `module.` prefix removed."
-    try: state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    try:
+        if str(path).endswith(".safetensors"): state = import_extra("safetensors.torch", f"Reading {Path(path).name}").load_file(str(path))
+        else: state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as e:
         raise WeightsError(f"Cannot load weights from {path}: {str(e).splitlines()[0]}. segkit loads only plain tensors "
                            "(weights_only=True); re-save the file as a state dict.") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict): state = state["model"]
@@ -134,8 +140,10 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     return model
 
 def get_model(name: str, num_classes: int, aux_loss: bool = False, weights=None, weights_backbone=None,
-              in_channels: int = 3, **kwargs) -> nn.Module:
+              in_channels: int = 3, encoder: str | None = None, **kwargs) -> nn.Module:
     "Build segmentation model `name` for `num_classes` classes and `in_channels` input channels, optionally from local pretrained weights."
+    if is_smp(name): return smp_model(name, num_classes, encoder, in_channels, weights, weights_backbone, aux_loss, **kwargs)
+    if encoder: raise ModelError(f"--encoder {encoder} is for the smp: models (e.g. --model smp:deeplabv3plus --encoder {encoder}); {name} has its own backbone.")
     try:
         if ":" in name: return import_object(name)(num_classes=num_classes, **({"in_channels": in_channels} if in_channels != 3 else {}), **kwargs)
         if name == "unet":
@@ -153,8 +161,7 @@ def get_model(name: str, num_classes: int, aux_loss: bool = False, weights=None,
                 load_fitting_state(model.backbone, sd, what=f"backbone weights {path}", optional=())
             adapt_input_channels(model, in_channels)
         else:
-            import difflib
-            raise ModelError(f"Unknown model {name!r}. Known: {', '.join(MODEL_NAMES)} (or 'package.module:Name'). "
+            raise ModelError(f"Unknown model {name!r}. Known: {', '.join(MODEL_NAMES)} (or 'smp:<architecture>', or 'package.module:Name'). "
                              f"Did you mean {difflib.get_close_matches(name, MODEL_NAMES, 1, 0.4) or MODEL_NAMES[:1]}?")
     except TypeError as e:
         raise ModelError(f"Model {name!r} does not take these options ({e}); check --model-kwargs.") from None
@@ -163,6 +170,123 @@ def get_model(name: str, num_classes: int, aux_loss: bool = False, weights=None,
         model.reinitialised = load_fitting_state(model, load_state_dict_file(path), num_classes, what=f"weights {path}")
         adapt_input_channels(model, in_channels)
     return model
+
+# %% ../../nbs/14_models.ipynb #ff972178
+SMP_ARCHITECTURES = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "pan", "upernet", "segformer", "dpt")
+SMP_DEFAULT_ENCODERS = {"segformer": "mit_b0"}                            # else smp's own default for the architecture
+SMP_SIZE_MULTIPLES = {"pan": 128}                                          # PAN's pyramid pools its stride-16 map three times; the others want 32
+
+def is_smp(name) -> bool: return isinstance(name, str) and name.lower().startswith("smp:")
+
+def smp_architecture(name: str) -> str:
+    "The smp architecture of model name `smp:<architecture>`, checked."
+    arch = name.split(":", 1)[1].lower()
+    if arch not in SMP_ARCHITECTURES:
+        close = difflib.get_close_matches(arch, SMP_ARCHITECTURES, 3, 0.5)
+        raise ModelError(f"Unknown smp architecture {arch!r} (--model {name}). Known: {', '.join(SMP_ARCHITECTURES)}." +
+                         (f" Did you mean: {', '.join('smp:' + c for c in close)}?" if close else ""))
+    return arch
+
+def _smp(purpose: str): return import_extra("segmentation_models_pytorch", purpose)
+
+def smp_default_encoder(arch: str) -> str:
+    "The encoder `smp:<arch>` gets when `--encoder` is not given."
+    if arch in SMP_DEFAULT_ENCODERS: return SMP_DEFAULT_ENCODERS[arch]
+    cls = _smp(f"--model smp:{arch}").MODEL_ARCHITECTURES_MAPPING[arch]
+    return inspect.signature(cls).parameters["encoder_name"].default
+
+class SmpModel(nn.Module):
+    "An smp model under segkit's model contract: `{'out': logits}` at the input's size (padded to the encoder's output stride, cropped back); its encoder is `backbone`."
+    def __init__(self, net: nn.Module, arch: str, encoder_name: str):
+        super().__init__()
+        self.net, self.arch, self.encoder_name = net, arch, encoder_name
+        self.size_multiple = SMP_SIZE_MULTIPLES.get(arch, max(32, net.encoder.output_stride)) if getattr(net, "requires_divisible_input_shape", True) else 1
+
+    @property
+    def backbone(self) -> nn.Module: return self.net.encoder
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.size_multiple, -w % self.size_multiple
+        if ph or pw: x = F.pad(x, (0, pw, 0, ph))                       # zeros: the mean image, after normalisation
+        out = self.net(x)
+        return {"out": out[..., :h, :w] if ph or pw else out}
+
+# %% ../../nbs/14_models.ipynb #11a51443
+def _matching(model: nn.Module, state: dict) -> int:
+    "How many of `model`'s tensors have an equal tensor in `state` (whatever their names)."
+    by_shape = {}
+    for v in state.values(): by_shape.setdefault(tuple(v.shape), []).append(v)
+    return sum(any(torch.equal(t, v) for v in by_shape.get(tuple(t.shape), ())) for t in model.state_dict().values())
+
+def load_encoder_weights(encoder: nn.Module, path) -> str:
+    "Load the encoder tensors of state dict file `path` (saved from torchvision, timm or smp) into smp `encoder`; returns what was loaded."
+    state, own = load_state_dict_file(path), encoder.state_dict()
+    fits = []
+    for prefix in ("", "encoder.", "net.encoder.", "model."):
+        cand = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        fits.append({k: v for k, v in cand.items() if k in own and own[k].shape == v.shape})
+    fit = max(fits, key=len)
+    if len(fit) < 0.9 * len(own):
+        raise WeightsError(f"{path} does not fit the encoder: {len(fit)} of its {len(own)} tensors match (the file has e.g. {list(state)[:2]}, "
+                           f"the encoder expects e.g. {list(own)[:2]}). Give weights saved from this encoder (torchvision, timm or smp).")
+    encoder.load_state_dict(fit, strict=False)
+    return f"{len(fit)} of {len(own)} encoder tensors"
+
+def smp_model(name: str, num_classes: int, encoder: str | None = None, in_channels: int = 3, weights=None, weights_backbone=None,
+              aux_loss: bool = False, **kwargs) -> SmpModel:
+    "`smp:<architecture>` with `encoder` (smp's name, or `tu-<timm model>`), built with random or local weights, never downloaded."
+    arch = smp_architecture(name)
+    if aux_loss: raise ModelError(f"{name} has no auxiliary segmentation head: set aux_loss=False (--aux-loss false).")
+    smp = _smp(f"--model {name}")
+    encoder = encoder or smp_default_encoder(arch)
+    timm_encoder = encoder.startswith("tu-")
+    extra, path = {}, None
+    if arch == "dpt" or timm_encoder and "vit" in encoder: extra["dynamic_img_size"] = True           # a ViT takes images of any size
+    if weights_backbone:
+        path = resolve_weights(weights_backbone)
+        if timm_encoder: extra.update(encoder_weights=True, pretrained_cfg_overlay={"file": str(path)})
+    try:
+        net = smp.create_model(arch, encoder_name=encoder, encoder_weights=extra.pop("encoder_weights", None),
+                               in_channels=3 if path and not timm_encoder else in_channels, classes=num_classes, **{**extra, **kwargs})
+    except (KeyError, RuntimeError) as e:
+        if path and timm_encoder:
+            raise WeightsError(f"{path} does not fit the encoder {encoder}: timm cannot load it ({str(e).splitlines()[0][:200]}). "
+                               "Give weights saved from this timm model.") from None
+        if not isinstance(e, KeyError): raise ModelError(f"{name} with encoder {encoder} cannot be built: {str(e).splitlines()[0][:300]}.") from None
+        known = smp.encoders.get_encoder_names()
+        close = difflib.get_close_matches(encoder, known, 3, 0.5)
+        raise ModelError(f"Unknown encoder {encoder!r} for {name}." + (f" Did you mean: {', '.join(close)}?" if close else "") +
+                         " smp's encoders: python -m segkit.models --encoders; any timm model as tu-<name>.") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelError(f"{name} with encoder {encoder} cannot be built: {str(e).splitlines()[0][:300]}. Check --encoder and --model-kwargs.") from None
+    model = SmpModel(net, arch, encoder)
+    if path and timm_encoder:
+        got = _matching(net.encoder, load_state_dict_file(path))
+        if got < 0.9 * len(net.encoder.state_dict()):
+            raise WeightsError(f"{path} does not fit the encoder {encoder}: {got} of its {len(net.encoder.state_dict())} tensors came from the file. "
+                               "Give weights saved from this timm model.")
+        log.info(f"Encoder weights from {path}: {got} of {len(net.encoder.state_dict())} encoder tensors (through timm)")
+    elif path:
+        log.info(f"Encoder weights from {path}: {load_encoder_weights(net.encoder, path)}")
+        if in_channels != 3: net.encoder.set_in_channels(in_channels, pretrained=True)
+    if weights: load_smp_weights(model, weights, num_classes)
+    return model
+
+def load_smp_weights(model: SmpModel, weights, num_classes: int):
+    "Load a whole smp model's weights: a state dict file (or segkit checkpoint), or a folder as smp saves one (config.json, model.safetensors)."
+    p = Path(str(weights)).expanduser()
+    if p.is_dir():
+        cfg = json.loads((p/"config.json").read_text()) if (p/"config.json").is_file() else {}
+        arch, enc = str(cfg.get("_model_class", "")).lower(), cfg.get("encoder_name")
+        if arch and (arch, enc) != (model.arch, model.encoder_name):
+            raise WeightsError(f"{p} holds smp:{arch} with encoder {enc}, not smp:{model.arch} with {model.encoder_name}: give --model and --encoder as it says.")
+        files = [f for f in (p/"model.safetensors", p/"pytorch_model.bin") if f.is_file()]
+        if not files: raise WeightsError(f"{p} holds no model.safetensors: not a folder saved by smp.")
+        p = files[0]
+    state = load_state_dict_file(resolve_weights(p))
+    if not any(k.startswith("net.") for k in state): state = {f"net.{k}": v for k, v in state.items()}
+    model.reinitialised = load_fitting_state(model, state, num_classes, what=f"weights {p}", optional=())
 
 # %% ../../nbs/14_models.ipynb #fcd42ebc
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0) -> list:
@@ -193,8 +317,19 @@ def train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
     return model
 
 # %% ../../nbs/14_models.ipynb #fb658f3d
+def stage_blocks(module: nn.Module) -> list:
+    "The blocks of every stage in `module`: the children of each `nn.Sequential` or `nn.ModuleList` whose children are all blocks (modules of layers)."
+    blocks = []
+    for child in module.children():
+        kids = list(child.children())
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and kids and all(list(k.children()) and not isinstance(k, (nn.Sequential, nn.ModuleList)) for k in kids):
+            blocks += kids
+        else: blocks += stage_blocks(child)
+    return blocks
+
 def backbone_blocks(model: nn.Module) -> list:
-    "The blocks of `model.backbone` that `checkpoint_backbone` recomputes: the blocks of plain `nn.Sequential` stages, and other children made of layers."
+    "The blocks of `model.backbone` that `checkpoint_backbone` recomputes: the blocks of plain `nn.Sequential` stages, and other children made of layers (for an smp encoder: its stages' blocks)."
+    if isinstance(model, SmpModel): return stage_blocks(model.backbone)
     blocks = []
     for child in model.backbone.children():
         parts = list(child.children())
@@ -225,6 +360,9 @@ def checkpoint_backbone(model: nn.Module) -> int:
     if not isinstance(getattr(model, "backbone", None), nn.Module):
         raise ModelError(f"{type(model).__name__} has no `backbone` module whose blocks could be recomputed: drop --grad-checkpoint, or give the model one.")
     blocks = backbone_blocks(model)
+    if not blocks:
+        raise ModelError(f"--grad-checkpoint: the encoder of {type(model).__name__} ({getattr(model, 'encoder_name', 'its backbone')}) has no stages of blocks that "
+                         "segkit can recompute; drop --grad-checkpoint.")
     for block in blocks: block.forward = functools.partial(_checkpointed_forward, block)
     model.grad_checkpoint = True
     return len(blocks)
