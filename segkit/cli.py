@@ -28,7 +28,9 @@ class Flag:
 FLAGS = {
     "config": Flag("run", "YAML, JSON or Python config file", dict(metavar="FILE")),
     "print_config": Flag("run", "print the resolved config, with where each value came from, and exit", dict(action="store_true")),
-    "checkpoint": Flag("model", "training checkpoint, weights file, or exported .onnx/.ts file", dict(metavar="FILE", required=True)),
+    "checkpoint": Flag("model", "training checkpoint, weights file, or exported .onnx/.ts file; several: their ensemble (class probabilities averaged)",
+                       dict(metavar="FILE", nargs="+", required=True)),
+    "ensemble_weights": Flag("model", "weights of the ensemble's models, one each (default: equal)", dict(type=float, nargs="+", metavar="W")),
     "model_weights": Flag("model", "which weights of a checkpoint: auto (the EMA weights if the run was scored with them), raw or ema",
                           dict(choices=WEIGHT_CHOICES, default="auto")),
     "split": Flag("data", "train, val, test, or a split file (one id a line)", dict(default="val")),

@@ -15,7 +15,7 @@ from .augment import overlay, to_picture, add_legend
 from .distributed import init_distributed, cleanup_distributed
 from .runtime import IMAGENET_MEAN, IMAGENET_STD, format_iou_table, setup_logging
 from .inference import InferenceOptions, TorchRunner, evaluate_model, segment
-from .runners import model_from_checkpoint, checkpoint_labels
+from .runners import model_from_checkpoint, open_model
 from .cli import command_parser, config_values, inference_overrides, main as command_main, MODEL_FLAGS, INFERENCE_FLAGS
 
 log = logging.getLogger("segkit")
@@ -29,37 +29,38 @@ def _data_overrides(options: dict | None) -> dict:
 
 def evaluate_checkpoint(checkpoint, split: str = "val", data_root=None, data_options: dict | None = None, batch_size: int = 1,
                         num_workers: int = 0, device: str = "auto", amp: str = "none", inference: dict | None = None, output=None,
-                        weights: str = "auto") -> dict:
-    "Evaluate `checkpoint` on `split` (train, val, test or a split file) of a data set, run as `inference` (InferenceOptions fields) says; returns the metrics, written to `output` (rank 0)."
+                        weights: str = "auto", ensemble_weights=None) -> dict:
+    "Evaluate `checkpoint` (a checkpoint, weights or exported file, or a list of them: their ensemble) on `split` (train, val, test or a split file) of a data set, run as `inference` (InferenceOptions fields) says; returns the metrics, written to `output` (rank 0)."
     env = init_distributed(device)
+    files = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     try:
-        model, cfg, classes = model_from_checkpoint(checkpoint, env.device, weights)
+        runner, cfg, classes, ckpt_labels = open_model(files, env.device, amp, weights, ensemble_weights)
         opts = InferenceOptions.from_config(cfg, **(inference or {}))
         root = data_root or cfg.get("data_root") or make_demo_dataset(default_demo_root())
         overrides = _data_overrides(data_options)
         data_opts = DataOptions.from_config({**{k: cfg.get(k) for k in DATA_KEYS}, **overrides})
         layout = find_layout(root, data_opts)
         label_keys = ("classes", "mask_mode", "ignore_index", "label_map", "reduce_zero_label", "palette")
-        labels = resolve_labels(layout, data_opts) if any(k in overrides for k in label_keys) else checkpoint_labels(cfg, classes)
+        labels = resolve_labels(layout, data_opts) if any(k in overrides for k in label_keys) else ckpt_labels
         if labels.num_classes != len(classes):
-            raise DataError(f"The data in {root} has {labels.num_classes} classes ({', '.join(labels.classes[:5])}...), but {checkpoint} "
+            raise DataError(f"The data in {root} has {labels.num_classes} classes ({', '.join(labels.classes[:5])}...), but {files[0]} "
                             f"was trained on {len(classes)}. Evaluate on the data the model was trained for, or give --classes.")
         ds = open_split(layout, split, labels, data_opts, None, cfg.get("seed") or 0)
         loader = make_eval_loader(ds, batch_size, env.rank, env.world_size, num_workers, env.device.type == "cuda")
-        cm, _ = evaluate_model(model, loader, len(classes), env.device, amp, cfg.get("channels_last", False),
-                               mean=cfg.get("mean") or IMAGENET_MEAN, std=cfg.get("std") or IMAGENET_STD, opts=opts)
+        cm, _ = evaluate_model(runner, loader, len(classes), env.device, opts=opts)
         r = cm.compute()
         mat = cm.mat.cpu().double()
         clean = lambda xs: [(None if math.isnan(v) else v) for v in xs]
         acc = torch.where(mat.sum(1) > 0, mat.diag() / mat.sum(1), torch.tensor(float("nan"), dtype=torch.float64)).tolist()
-        result = {"checkpoint": str(checkpoint), "data_root": str(root), "layout": layout.kind, "split": split, "images": len(ds),
+        result = {"checkpoint": ", ".join(map(str, files)), "data_root": str(root), "layout": layout.kind, "split": split, "images": len(ds),
                   "world_size": env.world_size, "inference": dataclasses.asdict(opts), **{k: r[k] for k in ("pixel_acc", "mean_acc", "miou", "mean_dice")},
                   "iou": dict(zip(classes, clean(r["iou"]))), "dice": dict(zip(classes, clean(r["dice"]))),
                   "accuracy": dict(zip(classes, clean(acc))), "pixels": dict(zip(classes, mat.sum(1).long().tolist())),
                   "confusion": mat.long().tolist()}
         if env.is_main:
             name = split if split in ("train", "val", "test") else Path(split).stem
-            out = Path(output) if output else Path(checkpoint).with_name(f"{Path(checkpoint).stem}-eval-{name}")
+            stem = files[0].stem if len(files) == 1 else f"ensemble{len(files)}"
+            out = Path(output) if output else files[0].with_name(f"{stem}-eval-{name}")
             result["output"] = str(write_evaluation(result, out))
             result["table"] = format_iou_table(r, classes)
         return result
@@ -101,7 +102,7 @@ EVAL_DATA_KEYS = tuple(k for k in DATA_KEYS if k != "in_channels")      # the mo
 
 def build_parser():
     return command_parser("segkit-evaluate", "Evaluate a segkit checkpoint on a split: per-class IoU, mIoU, accuracies.",
-                          [*MODEL_FLAGS, "split", ("data_root", "data set (default: the one the checkpoint was trained on)"), "eval_batch_size",
+                          [*MODEL_FLAGS, "ensemble_weights", "split", ("data_root", "data set (default: the one the checkpoint was trained on)"), "eval_batch_size",
                            "num_workers", ("output", "folder for metrics.json, per_class.csv, confusion.png (default: beside the checkpoint)"),
                            *INFERENCE_FLAGS, *EVAL_DATA_KEYS])
 
@@ -111,7 +112,7 @@ def _evaluate_cli(argv=None):
     options = config_values(args, EVAL_DATA_KEYS)
     setup_logging(None, init_distributed(run["device"]))
     r = evaluate_checkpoint(args.checkpoint, args.split, args.data_root, options, run["eval_batch_size"], run["num_workers"], run["device"],
-                            run["amp"], inference_overrides(args), args.output, args.model_weights)
+                            run["amp"], inference_overrides(args), args.output, args.model_weights, args.ensemble_weights)
     if "table" in r:
         print(f"{r['images']} images ({r['layout']} {r['split']} split of {r['data_root']})")
         print(r["table"])

@@ -56,42 +56,56 @@ def export_model(checkpoint, fmt: str, output, weights: str = "auto", include_no
     if sample_size is not None and (isinstance(sample_size, int) and sample_size < 8 or not isinstance(sample_size, int) and min(sample_size) < 8):
         raise ConfigError(f"--sample-size {sample_size}: give one or two sizes of at least 8 pixels.")
     if fmt == "onnx":
-        onnx = import_extra("onnx", "ONNX export")
+        import_extra("onnx", "ONNX export")
         import_extra("onnxruntime", "Checking an ONNX export")
         low, high = ONNX_OPSETS
         if not low <= opset <= high: raise ConfigError(f"--opset {opset}: torch's ONNX exporter writes opsets {low} to {high}; 17, the default, suits most runtimes.")
     model, cfg, classes = model_from_checkpoint(checkpoint, "cpu", weights)
     labels = checkpoint_labels(cfg, classes)
     meta = _metadata(cfg, classes, labels, include_normalize)
+    meta["size_multiple"] = m = getattr(model, "size_multiple", 1)              # smp models pad to it; so will the runner of the file
     module = ExportModule(model, meta["mean"], meta["std"], include_normalize).eval()
-    c = meta["in_channels"]
     h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size or (cfg.get("crop_size") or 256,) * 2)
-    example = torch.randint(0, 256, (1, c, h, w), dtype=torch.uint8)
-    example = example if include_normalize else to_input(example, "cpu", mean=meta["mean"], std=meta["std"])
+    h, w = -(-h // m) * m, -(-w // m) * m                                         # traced at a size the model takes without padding
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=FORMATS[fmt], dir=output.parent)
     os.close(fd)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                        # the exporters' deprecation notices; the check below is what counts
-            if fmt == "onnx":
-                axes = {0: "batch", 2: "height", 3: "width"}
-                try: torch.onnx.export(module, (example,), tmp_name, dynamo=False, opset_version=opset, input_names=["image"],
-                                       output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
-                except (RuntimeError, ValueError) as e:          # torch's ONNX errors derive from these
-                    raise CheckpointError(f"ONNX export (opset {opset}) failed: {str(e).splitlines()[0][:300]}. Try another --opset (17 is the default), or --format torchscript.") from None
-                graph = onnx.load(tmp_name)
-                graph.metadata_props.add(key="segkit", value=json.dumps(meta))
-                onnx.save(graph, tmp_name)
-            else:
-                traced = torch.jit.trace(module, (example,), check_trace=False)
-                torch.jit.save(traced, tmp_name, _extra_files={"segkit.json": json.dumps(meta)})
-        report = check_export(model, cfg, tmp_name, fmt, samples or [(h, w), (h + 37, w + 23)], atol)
+        try:
+            _write_graph(module, meta, fmt, tmp_name, (h, w), opset, dynamic=True)
+            report = check_export(model, cfg, tmp_name, fmt, samples or [(h, w), (h + 37, w + 23)], atol)
+        except CheckpointError as e:
+            if fmt != "onnx": raise
+            log.warning(f"{e} Exporting for one size, {h}x{w}: images are resized to it and the logits back.")
+            meta["fixed_size"] = [h, w]
+            _write_graph(module, meta, fmt, tmp_name, (h, w), opset, dynamic=False)
+            report = check_export(model, cfg, tmp_name, fmt, [(h, w)], atol)
         os.replace(tmp_name, output)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
-    report.update(output=str(output), format=fmt, bytes=output.stat().st_size)
+    report.update(output=str(output), format=fmt, bytes=output.stat().st_size, size=f"fixed {h}x{w}" if "fixed_size" in meta else "dynamic")
     return report
+
+def _write_graph(module, meta: dict, fmt: str, path: str, size, opset: int, dynamic: bool):
+    "Trace `module` at `size` and write it as `fmt` to `path` with `meta` inside; ONNX with a dynamic batch, and height and width if `dynamic`."
+    c = meta["in_channels"]
+    example = torch.randint(0, 256, (1, c, *size), dtype=torch.uint8)
+    example = example if meta["include_normalize"] else to_input(example, "cpu", mean=meta["mean"], std=meta["std"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                        # the exporters' deprecation notices; the check that follows is what counts
+        if fmt == "onnx":
+            onnx = import_extra("onnx", "ONNX export")
+            axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
+            try: torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset, input_names=["image"],
+                                   output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
+            except (RuntimeError, ValueError, TypeError) as e:     # torch's ONNX errors derive from these
+                raise CheckpointError(f"ONNX export (opset {opset}{', dynamic size' if dynamic else ''}) failed: {str(e).splitlines()[0][:300]}.") from None
+            graph = onnx.load(path)
+            graph.metadata_props.add(key="segkit", value=json.dumps(meta))
+            onnx.save(graph, path)
+        else:
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+            torch.jit.save(traced, path, _extra_files={"segkit.json": json.dumps(meta)})
 
 def check_export(model, cfg: dict, path, fmt: str, samples, atol: float = 1e-3) -> dict:
     "Run the exported file and PyTorch on `samples` (image files, or (H, W) sizes for random images); raise if they disagree."
@@ -117,14 +131,14 @@ def check_export(model, cfg: dict, path, fmt: str, samples, atol: float = 1e-3) 
 # %% ../nbs/34_export.ipynb #62231e57
 def build_parser():
     return command_parser("segkit-export", "Export a segkit checkpoint as ONNX or TorchScript, checked against PyTorch.",
-                          ["checkpoint", "model_weights", "format", ("output", "the file to write (.onnx or .ts; never overwritten)", {"required": True}),
+                          [("checkpoint", "training checkpoint or weights file", {"nargs": None}), "model_weights", "format", ("output", "the file to write (.onnx or .ts; never overwritten)", {"required": True}),
                            "include_normalize", "sample_size", "sample", "atol", "opset"])
 
 def _export_cli(argv=None):
     a = build_parser().parse(argv)
     size = tuple(a.sample_size * 2 if a.sample_size and len(a.sample_size) == 1 else a.sample_size or ()) or None
     r = export_model(a.checkpoint, a.format, a.output, a.model_weights, a.include_normalize, size, [Path(s) for s in a.sample], a.atol, a.opset)
-    print(f"wrote {r['output']} ({r['bytes'] / 1e6:.1f} MB); check against PyTorch on {r['pixels']} pixels: "
+    print(f"wrote {r['output']} ({r['bytes'] / 1e6:.1f} MB, {r['size']} image size); check against PyTorch on {r['pixels']} pixels: "
           f"max |logit difference| {r['max_abs_logit_diff']:.2e}, argmax agreement {r['argmax_agreement']:.6f}")
 
 def main(argv=None): command_main(_export_cli, argv)

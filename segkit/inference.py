@@ -15,7 +15,7 @@ from .runtime import IMAGENET_MEAN, IMAGENET_STD, autocast, to_input
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'InferenceOptions', 'TorchRunner', 'slide_windows', 'slide_logits', 'segment', 'evaluate_model']
+__all__ = ['log', 'InferenceOptions', 'TorchRunner', 'Ensemble', 'slide_windows', 'slide_logits', 'segment', 'evaluate_model']
 
 # %% ../nbs/21_inference.ipynb #516b86c2
 @dataclass(frozen=True)
@@ -76,6 +76,20 @@ class TorchRunner:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp):
             return self.model(to_input(images, self.device, self.channels_last, self.mean, self.std))["out"].float()
+
+# %% ../nbs/21_inference.ipynb #7986c6ee
+class Ensemble:
+    "Runners whose class probabilities are averaged, weighted by `weights`; a runner itself, returning the log of the averaged probabilities."
+    def __init__(self, runners, weights=None):
+        weights = [1.0] * len(runners) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(runners) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"--ensemble-weights {weights}: give one weight of 0 or more per model ({len(runners)}), not all 0.")
+        self.runners, self.weights = list(runners), [w / sum(weights) for w in weights]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        probs = sum(w * r(images).softmax(1) for r, w in zip(self.runners, self.weights))
+        return probs.clamp_min(1e-30).log()
 
 # %% ../nbs/21_inference.ipynb #84aecdc1
 def slide_windows(h: int, w: int, crop, stride) -> list[tuple[int, int, int, int]]:

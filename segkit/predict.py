@@ -78,8 +78,9 @@ def predict_image(runner, image: torch.Tensor, opts: InferenceOptions = Inferenc
     return probs.argmax(0), probs
 
 def predict(checkpoint, inputs, output_dir, overlays: bool = False, device: str = "auto", amp: str = "none", inference: dict | None = None,
-            overwrite: bool = False, save_probs: bool = False, output_ids: str = "train", weights: str = "auto", progress: bool = False) -> dict:
-    "Segment `inputs` (files, folders, globs) with `checkpoint` (or an .onnx/.ts file); returns {'written': [...], 'skipped': [(file, reason)]}."
+            overwrite: bool = False, save_probs: bool = False, output_ids: str = "train", weights: str = "auto", progress: bool = False,
+            ensemble_weights=None) -> dict:
+    "Segment `inputs` (files, folders, globs) with `checkpoint` (or an .onnx/.ts file, or a list of them: their ensemble); returns {'written': [...], 'skipped': [(file, reason)]}."
     if output_ids not in ("train", "label"): raise DataError(f"--output-ids {output_ids!r} is not one of: train, label.")
     if isinstance(inputs, (str, Path)): inputs = [inputs]
     images, output_dir = collect_images(inputs), Path(output_dir)
@@ -92,7 +93,7 @@ def predict(checkpoint, inputs, output_dir, overlays: bool = False, device: str 
         raise DataError(f"{len(clash)} output file(s) exist already, e.g. {clash[:3]}; segkit does not overwrite them. "
                         "Choose another --output folder or pass --overwrite.")
     dev = resolve_device(device)
-    runner, cfg, classes, labels = open_model(checkpoint, dev, amp, weights)
+    runner, cfg, classes, labels = open_model(checkpoint, dev, amp, weights, ensemble_weights)
     opts = InferenceOptions.from_config(cfg, **(inference or {}))
     ids = stored_ids(labels) if output_ids == "label" else None
     pal, channels = labels.display_colours(), cfg.get("in_channels") or 3
@@ -129,14 +130,14 @@ def predict(checkpoint, inputs, output_dir, overlays: bool = False, device: str 
 # %% ../nbs/33_predict.ipynb #e9a4c4f7
 def build_parser():
     return command_parser("segkit-predict", "Segment images with a segkit checkpoint or an exported model.",
-                          [*MODEL_FLAGS, "input", ("output", "folder for the masks", {"required": True}), "overlay", "save_probs", "output_ids", "overwrite", "progress",
+                          [*MODEL_FLAGS, "ensemble_weights", "input", ("output", "folder for the masks", {"required": True}), "overlay", "save_probs", "output_ids", "overwrite", "progress",
                            *INFERENCE_FLAGS])
 
 def _predict_cli(argv=None):
     a = build_parser().parse(argv)
     run = config_values(a, ("device", "amp", "progress"), defaults=True)
     r = predict(a.checkpoint, a.input, a.output, a.overlay, run["device"], run["amp"], inference_overrides(a), a.overwrite, a.save_probs,
-                a.output_ids, a.model_weights, progress=run["progress"])
+                a.output_ids, a.model_weights, progress=run["progress"], ensemble_weights=a.ensemble_weights)
     print(f"wrote {len(r['written'])} file(s) to {a.output}" + (f"; skipped {len(r['skipped'])} unreadable file(s): "
           + ", ".join(s for s, _ in r["skipped"][:5]) if r["skipped"] else ""))
 

@@ -12,7 +12,8 @@ from .labels import LabelSpec
 from .models import get_model
 from .checkpoint import load_checkpoint, checkpoint_weights
 from .runtime import to_input
-from .inference import TorchRunner
+import torch.nn.functional as F
+from .inference import TorchRunner, Ensemble
 
 # %% auto #0
 __all__ = ['model_from_checkpoint', 'checkpoint_labels', 'OnnxRunner', 'TorchScriptRunner', 'open_exported', 'open_model']
@@ -39,11 +40,30 @@ def checkpoint_labels(cfg: dict, classes) -> LabelSpec:
 
 # %% ../nbs/22_runners.ipynb #29ab149f
 class _ExportedRunner:
-    "What both exported runners share: the file's metadata, and the input it wants."
+    "What both exported runners share: the file's metadata, the input it wants (normalised or uint8; padded or resized to the sizes the graph takes)."
     def __init__(self, meta: dict): self.meta = meta
+
     def prepare(self, images):
         if self.meta["include_normalize"]: return images.round().clamp(0, 255).to(torch.uint8)
         return to_input(images, images.device, mean=self.meta["mean"], std=self.meta["std"])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        fixed = self.meta.get("fixed_size")
+        if fixed: images = F.interpolate(images.float(), size=tuple(fixed), mode="bilinear", align_corners=False, antialias=True)
+        x = self.prepare(images)
+        m = self.meta.get("size_multiple", 1)
+        ph, pw = (0, 0) if fixed else (-h % m, -w % m)
+        if ph or pw:                                 # as the model pads: zeros after normalisation (the mean colour, for a uint8 graph)
+            if x.dtype == torch.uint8:
+                fill = torch.tensor(self.meta["mean"], device=x.device).mul(255).round().to(torch.uint8).view(1, -1, 1, 1)
+                x = torch.cat([x, fill.expand(*x.shape[:2], h, pw)], 3) if pw else x
+                x = torch.cat([x, fill.expand(*x.shape[:2], ph, w + pw)], 2) if ph else x
+            else: x = F.pad(x, (0, pw, 0, ph))
+        out = self.run(x).float().to(images.device)
+        if fixed: return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return out[..., :h, :w]
 
 class OnnxRunner(_ExportedRunner):
     "An ONNX file run with onnxruntime (CUDA when asked for and available)."
@@ -56,9 +76,7 @@ class OnnxRunner(_ExportedRunner):
         if raw is None: raise CheckpointError(f"{path} was not written by segkit.export (it has no segkit metadata: class names, normalisation).")
         super().__init__(json.loads(raw))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"image": self.prepare(images).cpu().numpy()})[0]
-        return torch.from_numpy(out).float().to(images.device)
+    def run(self, x: torch.Tensor) -> torch.Tensor: return torch.from_numpy(self.session.run(None, {"image": x.cpu().numpy()})[0])
 
 class TorchScriptRunner(_ExportedRunner):
     "A TorchScript file run with torch.jit."
@@ -69,16 +87,24 @@ class TorchScriptRunner(_ExportedRunner):
         if not extra["segkit.json"]: raise CheckpointError(f"{path} was not written by segkit.export (it has no segkit metadata).")
         super().__init__(json.loads(extra["segkit.json"]))
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: return self.module(self.prepare(images)).float()
+    def run(self, x: torch.Tensor) -> torch.Tensor: return self.module(x)
 
 def open_exported(path, device="cpu", fmt: str | None = None):
     "A runner for an exported file (its metadata is `.meta`)."
     fmt = fmt or ("onnx" if str(path).endswith(".onnx") else "torchscript")
     return OnnxRunner(path, device) if fmt == "onnx" else TorchScriptRunner(path, device)
 
-def open_model(path, device="cpu", amp: str = "none", weights: str = "auto"):
-    "A runner for `path` (.onnx, .ts, or a checkpoint/weights file) and what it needs: (runner, config dict, classes, LabelSpec)."
+def open_model(path, device="cpu", amp: str = "none", weights: str = "auto", ensemble_weights=None):
+    "A runner for `path` (.onnx, .ts, or a checkpoint/weights file; several paths: their `Ensemble`) and what it needs: (runner, config dict, classes, LabelSpec)."
+    if isinstance(path, (list, tuple)):
+        if len(path) == 1 and not ensemble_weights: return open_model(path[0], device, amp, weights)
+        opened = [open_model(p, device, amp, weights) for p in path]
+        for p, (_, cfg, classes, _) in zip(path[1:], opened[1:]):
+            if list(classes) != list(opened[0][2]) or (cfg.get("in_channels") or 3) != (opened[0][1].get("in_channels") or 3):
+                raise CheckpointError(f"{p} predicts other classes ({', '.join(map(str, classes[:4]))}...) or takes other images than {path[0]}: "
+                                      "an ensemble needs models of the same classes and input channels.")
+        _, cfg, classes, labels = opened[0]
+        return Ensemble([o[0] for o in opened], ensemble_weights), cfg, classes, labels
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f"Model file {path} not found.")
     if path.suffix in (".onnx", ".ts"):
