@@ -129,3 +129,135 @@ def run_session(nb_path, cwd) -> dict:
             out[c["id"]] = shown_outputs(outputs)
         return out
     finally: os.chdir(old)
+
+
+# Services the cluster tests start on this machine, each stopped by its process id ---------------------------------------
+
+class ServiceUnavailable(Exception):
+    "A service a test needs cannot start on this machine (the test says so in one line and is skipped)."
+
+
+def _alive(pid: int) -> bool:
+    try: return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError): return False
+
+
+def _stop_pids(procs, timeout: float = 10.0):
+    "SIGTERM each process (a Popen), wait `timeout` s, SIGKILL what is left."
+    for p in procs:
+        if p.poll() is None: p.terminate()
+    end = time.time() + timeout
+    for p in procs:
+        try: p.wait(max(0.1, end - time.time()))
+        except subprocess.TimeoutExpired: p.kill(); p.wait(5)
+
+
+class LocalSlurm:
+    """A Slurm cluster of one node (this machine, 127.0.0.1), private to a folder of its own (which the munge user can
+    enter): its own munge key and socket, slurm.conf, state and logs; nothing under /etc is touched. Needs root and Debian's
+    `slurm-wlm` and `munge` (installed with apt-get when missing). `env()` is the environment that reaches it (`SLURM_CONF`);
+    `stop()` cancels its jobs, ends its daemons and removes the folder."""
+    def __init__(self):
+        self.dir, self.procs = Path(tempfile.mkdtemp(prefix="segkit-slurm-")), []
+        self.conf = self.dir/"slurm.conf"
+
+    def env(self, base: dict | None = None) -> dict:
+        e = {k: v for k, v in (base or TEST_ENV).items() if not k.startswith("SLURM_")}
+        return {**e, "SLURM_CONF": str(self.conf)}
+
+    def run(self, *args, **kwargs):
+        return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=self.env(), timeout=60, **kwargs)
+
+    def _spawn(self, argv, **kwargs):
+        log = open(self.dir/"log"/f"{Path(argv[0]).name}.out", "ab")
+        self.procs.append(subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, env=self.env(), **kwargs))
+
+    def _wait(self, what, ok, timeout=60):
+        if not wait_for(lambda: ok() or any(p.poll() is not None for p in self.procs), timeout, poll=0.1) or not ok():
+            raise ServiceUnavailable(f"Slurm's {what} did not start (logs in {self.dir/'log'})")
+
+    def start(self) -> "LocalSlurm":
+        import pwd, shutil as sh
+        if os.geteuid() != 0: raise ServiceUnavailable("a local Slurm needs root")
+        if not (sh.which("slurmctld") and sh.which("munged")):
+            r = subprocess.run("apt-get install -y -qq slurm-wlm munge", shell=True, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if r.returncode != 0: raise ServiceUnavailable(f"apt-get could not install slurm-wlm and munge: {r.stderr.strip()[-200:]}")
+        for sub in ("state", "spool", "log", "munge"): (self.dir/sub).mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o755)
+        munge, user = self.dir/"munge", pwd.getpwnam("munge")
+        (munge/"munge.key").write_bytes(os.urandom(1024)); (munge/"munge.key").chmod(0o600)
+        for p in (munge, munge/"munge.key"): os.chown(p, user.pw_uid, user.pw_gid)
+        self.socket = munge/"munge.socket.2"
+        self._spawn(["munged", "-F", f"--socket={self.socket}", f"--key-file={munge/'munge.key'}", f"--pid-file={munge/'munged.pid'}",
+                     f"--log-file={munge/'munged.log'}", f"--seed-file={munge/'munged.seed'}", "--num-threads=2"],
+                    user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+        self._wait("munged", lambda: self.socket.exists() and subprocess.run(
+            f"munge -n -S {self.socket} | unmunge -S {self.socket}", shell=True, capture_output=True).returncode == 0)
+        node = dict(t.split("=", 1) for t in subprocess.run(["slurmd", "-C"], capture_output=True, text=True).stdout.split("\n")[0].split())
+        self.node = node["NodeName"]
+        d = self.dir
+        self.conf.write_text("\n".join([
+            f"ClusterName=segkit", f"SlurmctldHost={self.node}(127.0.0.1)", f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+            "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
+            f"AuthInfo=socket={self.socket},cred_expire=10",                     # a requeued job restarts after seconds, not minutes
+            f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool", f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
+            f"SlurmctldLogFile={d}/log/slurmctld.log", f"SlurmdLogFile={d}/log/slurmd.log",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "SwitchType=switch/none", "MpiDefault=none", "MailProg=/bin/true", "JobRequeue=1", "ReturnToService=2", "MinJobAge=600",
+            "KillWait=30", "InactiveLimit=0", "SchedulerParameters=sched_interval=1,bf_interval=1",
+            " ".join(f"{k}={v}" for k, v in {**node, "NodeAddr": "127.0.0.1", "State": "UNKNOWN"}.items()),
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
+        self._spawn(["slurmctld", "-D", "-c", "-f", self.conf])
+        self._wait("controller", lambda: "is UP" in self.run("scontrol", "ping").stdout)
+        self._spawn(["slurmd", "-D", "-f", self.conf, "-N", self.node])
+        self._wait("node", lambda: self.run("sinfo", "-h", "-N", "-o", "%t").stdout.split() == ["idle"])
+        return self
+
+    def job(self, job_id) -> dict:
+        "`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); empty once the job is gone."
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout.split()
+        return dict(t.split("=", 1) for t in out if "=" in t)
+
+    def stop(self):
+        if self.conf.exists() and all(p.poll() is None for p in self.procs[1:]):
+            self.run("scancel", "--full", "--partition", "debug")
+            wait_for(lambda: not self.run("squeue", "-h", "-o", "%i").stdout.strip(), 20, poll=0.2)
+        _stop_pids(self.procs[::-1])
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_mlflow_server(folder: Path, port: int):
+    "An `mlflow server` on 127.0.0.1:`port` with its store in `folder` (sqlite); returns its Popen once it answers (stop with `stop_group`)."
+    import urllib.request
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**TEST_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    p = launch(["mlflow", "server", "--backend-store-uri", f"sqlite:///{folder/'mlflow.db'}", "--artifacts-destination", folder/"artifacts",
+                "--host", "127.0.0.1", "--port", port, "--workers", 1], folder/"server.log", env)
+    def up():
+        try: return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+        except OSError: return False
+    if not wait_for(lambda: up() or p.poll() is not None, 120, poll=0.3) or not up():
+        stop_group(p, signal.SIGTERM)
+        raise ServiceUnavailable(f"mlflow server did not start: {(folder/'server.log').read_text()[-500:]}")
+    return p
+
+
+class SmallDisk:
+    "A tmpfs of `size` bytes mounted on `folder` (root only); `fill(free)` leaves `free` bytes; use as a context manager (unmounts)."
+    def __init__(self, folder: Path, size: int):
+        self.dir, self.size = Path(folder), size
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0: raise ServiceUnavailable("mounting a tmpfs needs root")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.dir)], capture_output=True, text=True)
+        if r.returncode != 0: raise ServiceUnavailable(f"mount -t tmpfs failed: {r.stderr.strip()}")
+    def __enter__(self): return self
+    def __exit__(self, *exc): subprocess.run(["umount", "-l", str(self.dir)])
+    def free(self) -> int: return shutil.disk_usage(self.dir).free
+    def fill(self, free: int):
+        "Leave `free` bytes (to a page) with a filler file."
+        filler = self.dir/"filler"
+        filler.unlink(missing_ok=True)
+        with open(filler, "wb") as f: f.write(b"\0" * max(0, self.free() - free))

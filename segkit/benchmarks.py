@@ -17,7 +17,7 @@ from .data import make_demo_dataset, find_voc_root
 from .errors import ConfigError
 from .distributed import DistEnv, resolve_device
 from .metrics import SegmentationLoss, ConfusionMatrix
-from .models import get_model
+from .models import get_model, meta_model
 from .config import make_config, preset_layer, PRESETS
 from .runtime import IMAGENET_MEAN, IMAGENET_STD, to_input, autocast
 from .inference import InferenceOptions, TorchRunner, segment, slide_windows
@@ -26,11 +26,12 @@ from .cli import command_parser, config_values, main as command_main
 
 # %% auto #0
 __all__ = ['INFERENCE_MODES', 'PEAK_TFLOPS', 'BENCHMARKS', 'InMemoryLoader', 'make_trainer', 'epoch_from_start', 'bare_steps',
-           'time_runs', 'peak_memory_mib', 'loop_overhead', 'measure_mode', 'slide_windows_for', 'inference_cost',
-           'format_inference_table', 'peak_tflops_for', 'step_flops', 'training_flops', 'step_settings',
-           'reference_steps', 'step_throughput', 'format_step_table', 'grad_checkpoint_cost', 'format_checkpoint_cost',
-           'reference_transforms', 'ReferenceVOC', 'reference_epoch', 'pipeline_throughput', 'format_pipeline',
-           'build_parser', 'run_benchmarks', 'main']
+           'time_runs', 'peak_memory_mib', 'loop_overhead', 'model_label', 'model_spec', 'measure_mode',
+           'slide_windows_for', 'inference_cost', 'format_inference_table', 'peak_tflops_for', 'step_flops',
+           'training_flops', 'inference_flops', 'step_settings', 'reference_steps', 'step_throughput',
+           'format_step_table', 'grad_checkpoint_cost', 'format_checkpoint_cost', 'reference_transforms',
+           'ReferenceVOC', 'reference_epoch', 'pipeline_throughput', 'format_pipeline', 'build_parser',
+           'run_benchmarks', 'main']
 
 # %% ../nbs/38_benchmarks.ipynb #e834b179
 class InMemoryLoader:
@@ -124,14 +125,22 @@ def loop_overhead(n_batches: int = 12, batch_size: int = 8, size: int = 80, repe
             "first_epoch_s": first, "compile": cfg.compile}
 
 # %% ../nbs/38_benchmarks.ipynb #66249a2b
+def model_label(model: str, encoder: str | None = None) -> str: return f"{model}@{encoder}" if encoder else model
+
+def model_spec(spec: str) -> tuple[str, str | None]:
+    "A benchmark's model `smp:<architecture>@<encoder>` (or a plain model name) as (model, encoder)."
+    model, _, encoder = spec.partition("@")
+    return model, encoder or None
+
 INFERENCE_MODES = {"whole": {}, "slide": {"mode": "slide"}, "flip": {"flip": True},
                    "ms+flip": {"flip": True, "scales": (0.75, 1.0, 1.25)}, "slide+flip": {"mode": "slide", "flip": True}}
 
-def measure_mode(model: str = "unet", mode: str = "whole", size=(256, 512), n_images: int = 4, repeats: int = 2, device: str = "cpu", num_classes: int = 19) -> dict:
+def measure_mode(model: str = "unet", mode: str = "whole", size=(256, 512), n_images: int = 4, repeats: int = 2, device: str = "cpu", num_classes: int = 19,
+                 encoder: str | None = None) -> dict:
     "Images/s and peak memory (MiB) of inference mode `mode` (a key of INFERENCE_MODES) in this process."
     dev = torch.device(device)
     torch.manual_seed(0)
-    net = get_model(model, num_classes).eval().to(dev)
+    net = get_model(model, num_classes, encoder=encoder).eval().to(dev)
     runner = TorchRunner(net, dev)
     h, w = size
     spec = dict(INFERENCE_MODES[mode])
@@ -147,18 +156,18 @@ def measure_mode(model: str = "unet", mode: str = "whole", size=(256, 512), n_im
         for x in images: segment(runner, x, opts)
         _sync(dev)
         best = min(best, time.perf_counter() - t0)
-    return {"model": model, "mode": mode, "views": opts.views, "windows": len(slide_windows_for(opts, h, w)), "size": list(size),
+    return {"model": model_label(model, encoder), "mode": mode, "views": opts.views, "windows": len(slide_windows_for(opts, h, w)), "size": list(size),
             "images_per_s": n_images / best, "peak_mib": peak, "device": str(dev), "threads": torch.get_num_threads()}
 
 def slide_windows_for(opts: InferenceOptions, h: int, w: int) -> list:
     "The windows `opts` runs on an `h`x`w` image (one, the image, for whole-image modes)."
     return slide_windows(h, w, opts.crop, opts.stride) if opts.mode == "slide" else [(0, h, 0, w)]
 
-def inference_cost(model: str = "unet", modes=tuple(INFERENCE_MODES), size=(256, 512), n_images: int = 4, device: str = "cpu") -> list[dict]:
+def inference_cost(model: str = "unet", modes=tuple(INFERENCE_MODES), size=(256, 512), n_images: int = 4, device: str = "cpu", encoder: str | None = None) -> list[dict]:
     "`measure_mode` for each of `modes`, each in a fresh process."
     rows = []
     for mode in modes:
-        spec = json.dumps(dict(model=model, mode=mode, size=list(size), n_images=n_images, device=device))
+        spec = json.dumps(dict(model=model, mode=mode, size=list(size), n_images=n_images, device=device, encoder=encoder))
         r = subprocess.run([sys.executable, "-m", "segkit.benchmarks", "inference-one", spec], capture_output=True, text=True, env=os.environ)
         if r.returncode: raise RuntimeError(f"benchmark of {mode} failed: {r.stderr[-2000:]}")
         rows.append(json.loads(r.stdout))
@@ -191,10 +200,15 @@ def step_flops(net: nn.Module, size: int, channels: int = 3) -> float:
         SegmentationLoss(0.5 if "aux" in out else 0.0)(out, y).backward()
     return counter.get_total_flops() / 2
 
-def training_flops(model: str, num_classes: int, size: int, aux_loss: bool = False, **model_kwargs) -> float:
-    "`step_flops` of segkit model `model`, built on the meta device (no memory, no time)."
-    with torch.device("meta"): net = get_model(model, num_classes, aux_loss, **model_kwargs)
-    return step_flops(net, size)
+def training_flops(model: str, num_classes: int, size: int, aux_loss: bool = False, encoder: str | None = None, **model_kwargs) -> float:
+    "`step_flops` of segkit model `model`, counted on the meta device."
+    return step_flops(meta_model(model, num_classes, aux_loss, encoder, **model_kwargs), size)
+
+def inference_flops(model: str, num_classes: int, size: int, encoder: str | None = None) -> float:
+    "FLOPs of one forward pass of `model` on a `size`x`size` image, counted on the meta device."
+    net = meta_model(model, num_classes, encoder=encoder).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad(): net(torch.empty(1, 3, size, size, device="meta"))
+    return counter.get_total_flops()
 
 # %% ../nbs/38_benchmarks.ipynb #ef641bca
 def step_settings(model: str, device) -> dict:
@@ -225,12 +239,12 @@ def reference_steps(model, optimizer, batches, device, amp: bool = False, scaler
 
 def step_throughput(model: str = "deeplabv3_resnet101", device: str = "cuda", batch_size: int = 16, size: int = 512, n_batches: int = 10,
                     repeats: int = 3, compile: bool = False, peak_tflops: float | None = None, reference: bool = True, grad_checkpoint: bool = False,
-                    **model_kwargs) -> dict:
+                    encoder: str | None = None, **model_kwargs) -> dict:
     "Images/s, TFLOP/s, MFU and peak memory (CUDA, or segkit's step alone) of segkit's training step and of the reference step, on the same in-memory batches."
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     over = step_settings(model, dev)
-    trainer = make_trainer(str(dev), batch_size=batch_size, compile=compile, grad_checkpoint=grad_checkpoint, model_kwargs=model_kwargs, **over)
+    trainer = make_trainer(str(dev), batch_size=batch_size, compile=compile, grad_checkpoint=grad_checkpoint, model_kwargs=model_kwargs, encoder=encoder, **over)
     g = torch.Generator().manual_seed(0)
     u8 = [(torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
            torch.randint(0, trainer.num_classes, (batch_size, size, size), dtype=torch.uint8, generator=g)) for _ in range(n_batches)]
@@ -241,7 +255,7 @@ def step_throughput(model: str = "deeplabv3_resnet101", device: str = "cuda", ba
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         floats = [((i.float() / 255 - mean) / std, m.long()) for i, m in u8]
         torch.manual_seed(trainer.cfg.seed)
-        ref = get_model(model, trainer.num_classes, over["aux_loss"], **model_kwargs).to(dev)
+        ref = get_model(model, trainer.num_classes, over["aux_loss"], encoder=encoder, **model_kwargs).to(dev)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.007, momentum=0.9, weight_decay=5e-4)
         runs["reference_fp32"] = lambda: reference_steps(ref, ref_opt, floats, dev)
         if cuda:
@@ -254,14 +268,14 @@ def step_throughput(model: str = "deeplabv3_resnet101", device: str = "cuda", ba
             f()
             peaks[k] = None                                              # one process's resident memory, shared: no fair figure
     _, best = time_runs(runs, dev, repeats)
-    flops = training_flops(model, trainer.num_classes, size, over["aux_loss"], **model_kwargs)
+    flops = training_flops(model, trainer.num_classes, size, over["aux_loss"], encoder=encoder, **model_kwargs)
     peak_tflops = peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(dev)) if cuda else None)
     rows = {}
     for k, seconds in best.items():
         ips = n_batches * batch_size / seconds
         rows[k] = {"images_per_s": ips, "tflop_per_s": ips * flops / 1e12, "mfu": ips * flops / 1e12 / peak_tflops if peak_tflops else None,
                    "peak_mib": peaks[k]}
-    return {"model": model, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if cuda else f"cpu, {torch.get_num_threads()} threads",
+    return {"model": model_label(model, encoder), "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if cuda else f"cpu, {torch.get_num_threads()} threads",
             "batch_size": batch_size, "size": size,
             "segkit_settings": f"amp {over['amp']}, channels_last {over['channels_last']}, compile {compile}, grad_checkpoint {grad_checkpoint}",
             "tflop_per_image": flops / 1e12, "peak_tflops": peak_tflops, "torch": torch.__version__, "rows": rows, "compile_seconds": trainer.compile_seconds}
@@ -278,16 +292,17 @@ def format_step_table(res: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/38_benchmarks.ipynb #80e6080c
-def grad_checkpoint_cost(model: str = "unet", device: str = "cpu", batch_size: int = 4, size: int = 192, n_batches: int = 3, **model_kwargs) -> list[dict]:
+def grad_checkpoint_cost(model: str = "unet", device: str = "cpu", batch_size: int = 4, size: int = 192, n_batches: int = 3, encoder: str | None = None,
+                         **model_kwargs) -> list[dict]:
     "`step_throughput` of segkit's step without and with `grad_checkpoint`, each in a fresh process (so that the peak memory is its own)."
     rows = []
     for on in (False, True):
         spec = json.dumps(dict(model=model, device=device, batch_size=batch_size, size=size, n_batches=n_batches, repeats=2, reference=False,
-                               grad_checkpoint=on, **model_kwargs))
+                               grad_checkpoint=on, encoder=encoder, **model_kwargs))
         r = subprocess.run([sys.executable, "-m", "segkit.benchmarks", "step-one", spec], capture_output=True, text=True, env=os.environ)
         if r.returncode: raise RuntimeError(f"benchmark of grad_checkpoint={on} failed: {r.stderr[-2000:]}")
         res = json.loads(r.stdout.splitlines()[-1])
-        rows.append({"model": model, "grad_checkpoint": on, "images_per_s": res["rows"]["segkit"]["images_per_s"], "peak_mib": res["rows"]["segkit"]["peak_mib"],
+        rows.append({"model": model_label(model, encoder), "grad_checkpoint": on, "images_per_s": res["rows"]["segkit"]["images_per_s"], "peak_mib": res["rows"]["segkit"]["peak_mib"],
                      "device": res["device_name"], "batch_size": batch_size, "size": size})
     return rows
 
@@ -401,7 +416,7 @@ BENCHMARKS = ("overhead", "step", "gpu", "grad-checkpoint", "pipeline", "inferen
 def build_parser():
     p = command_parser("segkit-benchmarks", "segkit benchmarks (figures, not tests).",
                        [("device", "overhead, step, pipeline, inference: cpu or cuda (default cpu)"), ("compile", "overhead, step, gpu: torch.compile segkit's model"),
-                        ("models", "step, gpu, grad-checkpoint (default deeplabv3_resnet101 deeplabv3_mobilenet_v3_large unet)"),
+                        ("models", "step, gpu, grad-checkpoint, inference: model names, smp:<architecture>@<encoder> for an smp model (default deeplabv3_resnet101 deeplabv3_mobilenet_v3_large unet)"),
                         ("model", "pipeline (default unet)"),
                         ("batch_size", "step, gpu, grad-checkpoint (default 16, or 4 on the CPU), pipeline (default 8)"),
                         ("image_size", "step, gpu, grad-checkpoint: square image size (default 512; on the CPU 128, or 192)"), "peak_tflops",
@@ -421,19 +436,21 @@ def run_benchmarks(argv=None):
     if a.which == "step-one": return print(json.dumps(step_throughput(**json.loads(a.spec))))
     if a.which == "inference":
         size = (1024, 2048) if device == "cuda" else (256, 512)
-        for name in ("unet", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101"):
-            print(format_inference_table(inference_cost(name, size=size, device=device)))
+        for name, encoder in map(model_spec, a.models or ("unet", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101")):
+            print(format_inference_table(inference_cost(name, size=size, device=device, encoder=encoder)))
         return
     if a.which in ("step", "gpu"):
         device = "cuda" if a.which == "gpu" else device
         cpu = device == "cpu"
-        for name in models:
-            res = step_throughput(name, device, o.get("batch_size") or (4 if cpu else 16), a.image_size or (128 if cpu else 512), compile=compile, peak_tflops=a.peak_tflops)
+        for name, encoder in map(model_spec, models):
+            res = step_throughput(name, device, o.get("batch_size") or (4 if cpu else 16), a.image_size or (128 if cpu else 512), compile=compile,
+                                  peak_tflops=a.peak_tflops, encoder=encoder)
             print(format_step_table(res))
         return
     if a.which == "grad-checkpoint":
         cpu = device == "cpu"
-        for name in models: print(format_checkpoint_cost(grad_checkpoint_cost(name, device, o.get("batch_size") or (4 if cpu else 16), a.image_size or (192 if cpu else 512))))
+        for name, encoder in map(model_spec, models):
+            print(format_checkpoint_cost(grad_checkpoint_cost(name, device, o.get("batch_size") or (4 if cpu else 16), a.image_size or (192 if cpu else 512), encoder=encoder)))
         return
     if a.which == "pipeline":
         if not o.get("data_root"): raise ConfigError("segkit-benchmarks pipeline needs --data-root (a VOC-layout data set).")

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, dataclasses, difflib, errno, os, re, shlex, sys
 from dataclasses import dataclass, field
-from .errors import SegkitError, ConfigError
+from .errors import SegkitError, ConfigError, TrainingStopped
 from .checkpoint import WEIGHT_CHOICES
 from .distributed import exit_process
 from .config import (Config, FIELDS, GROUPS, PRESETS, check_preset, coerce, format_config, is_bool, is_list, load_config_file, make_config,
@@ -51,7 +51,7 @@ FLAGS = {
     "include_normalize": Flag("model", "normalisation inside the graph: the input is the uint8 image", dict(action="store_true")),
     "sample_size": Flag("model", "trace size H W (default: the training crop)", dict(type=int, nargs="+", metavar="N")),
     "sample": Flag("model", "check the export on these images (default: random images at two sizes)", dict(nargs="+", default=(), metavar="IMAGE")),
-    "atol": Flag("model", "largest logit difference accepted", dict(type=float, default=1e-3)),
+    "atol": Flag("model", "largest logit difference accepted, as a share of the largest logit (at least 1)", dict(type=float, default=1e-3)),
     "opset": Flag("model", "ONNX opset", dict(type=int, default=17)),
     "json": Flag("run", "print one JSON object instead of the table", dict(action="store_true")),
     "plot": Flag("run", "draw the class frequencies per split into this PNG file", dict(metavar="FILE")),
@@ -147,6 +147,9 @@ def run_cli(fn, argv=None) -> int:
     try:
         fn(argv)
         return 0
+    except TrainingStopped as e:                           # a signal stopped the run after its checkpoint: not a mistake
+        print(f"segkit: {e}", file=sys.stderr)
+        return e.exit_code
     except SegkitError as e: err = e
     except OSError as e:
         if e.errno not in DISK_ERRNOS: raise

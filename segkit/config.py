@@ -4,11 +4,11 @@
 
 # %% ../nbs/18_config.ipynb #003f8f28
 from __future__ import annotations
-import dataclasses, difflib, json, runpy, typing
+import dataclasses, difflib, json, runpy, signal, typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 import yaml
-from .errors import ConfigError
+from .errors import ConfigError, naming
 from .labels import MASK_MODES, CLASS_WEIGHT_METHODS
 from .models import MODEL_NAMES, is_smp, smp_architecture
 from .errors import ModelError
@@ -111,11 +111,18 @@ class Config:
     num_workers: int = setting(2, "data-loader worker processes per training process", "run")
     eval_every: int = setting(1, "evaluate every N epochs (and after the last)", "evaluation")
     checkpoint_every_steps: int = setting(0, "also write last.pt every N optimizer steps (0 = each epoch only)", "run")
+    checkpoint_every_minutes: float = setting(0.0, "also write last.pt every N minutes (0 = off): what a kill can lose", "run")
+    stop_signals: list = setting(None, "signals that make the run finish its step, save last.pt and exit with 75 (resume with --resume auto); [] = none",
+                                 "run", factory=lambda: ["TERM", "INT", "USR1"])
+    slurm_requeue: bool = setting(False, "under Slurm, requeue the job (scontrol requeue) when a stop signal stopped the run", "run")
     keep_best: int = setting(3, "how many best checkpoints to keep", "run")
     best_metric: str = setting("miou", "metric that ranks best checkpoints (miou, pixel_acc, mean_acc, mean_dice)", "evaluation", choices=("miou", "pixel_acc", "mean_acc", "mean_dice"))
     log_every: int = setting(10, "log train loss and lr every N optimizer steps", "tracking")
     tensorboard: bool = setting(True, "write TensorBoard events to <run_dir>/tb", "tracking")
-    mlflow: bool = setting(False, "also log to MLflow (local file store in <run_dir>/mlruns; needs mlflow)", "tracking")
+    mlflow: bool = setting(False, "also log to MLflow: $MLFLOW_TRACKING_URI or --mlflow-uri, else a local store in <run_dir>/mlflow.db (needs segkit[mlflow])", "tracking")
+    mlflow_uri: str | None = setting(None, "MLflow tracking URI (a server, http://host:5000, or sqlite:///path); default $MLFLOW_TRACKING_URI", "tracking")
+    mlflow_experiment: str = setting("segkit", "MLflow experiment", "tracking")
+    wandb: bool = setting(False, "also log to Weights & Biases (project segkit; WANDB_MODE=offline works without network; needs segkit[wandb])", "tracking")
     progress: bool = setting(True, "tqdm progress bar on rank 0", "tracking")
     debug: bool = setting(False, "smoke test: few samples, 2 short epochs, eval and checkpoint every epoch", "run")
     debug_samples: int = setting(8, "samples per split in debug mode (batch and accumulation shrink to fit)", "run")
@@ -218,6 +225,9 @@ def validate(cfg: Config) -> Config:
     if not 0 < cfg.scale_min <= cfg.scale_max: raise ConfigError(f"Config keys 'scale_min' <= 'scale_max' must hold and be positive, got {cfg.scale_min}, {cfg.scale_max}.")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"Config key 'resume': checkpoint {cfg.resume!r} not found (use a file, 'auto' or none).")
+    bad = [s for s in cfg.stop_signals if not isinstance(s, str) or not hasattr(signal, "SIG" + s.upper().removeprefix("SIG"))]
+    if bad: raise ConfigError(f"Config key 'stop_signals': {bad} are not signals; give names such as TERM, INT, USR1 (or [] for none).")
+    if cfg.checkpoint_every_minutes < 0: raise ConfigError(f"Config key 'checkpoint_every_minutes' must be 0 or more, got {cfg.checkpoint_every_minutes}.")
     check_preset(cfg.preset)
     return cfg
 
@@ -309,5 +319,5 @@ def format_config(cfg: Config, sources: dict | None = None) -> str:
 def save_config(cfg: Config, path, note: str | None = None) -> Path:
     "Write the resolved config as YAML, after a `# note` line (e.g. the data layout) if given."
     path = Path(path)
-    path.write_text((f"# {note}\n" if note else "") + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with naming(path): path.write_text((f"# {note}\n" if note else "") + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path

@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_distributed.ipynb #c1b40c73
 from __future__ import annotations
-import datetime, logging, os, sys
+import datetime, logging, os, re, sys
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
@@ -14,9 +14,9 @@ from .errors import DeviceError
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'DistEnv', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'exit_process', 'attempt_store',
-           'shared_store_restart_warning', 'barrier', 'broadcast_object', 'all_gather_object', 'all_reduce_sum',
-           'convert_sync_batchnorm', 'wrap_model', 'unwrap']
+__all__ = ['log', 'LAUNCH_KEYS', 'DistEnv', 'resolve_device', 'first_host', 'launch_env', 'init_distributed',
+           'cleanup_distributed', 'exit_process', 'attempt_store', 'shared_store_restart_warning', 'barrier',
+           'broadcast_object', 'all_gather_object', 'all_reduce_sum', 'convert_sync_batchnorm', 'wrap_model', 'unwrap']
 
 # %% ../nbs/17_distributed.ipynb #ba606821
 @dataclass
@@ -45,8 +45,28 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device != "cpu": raise DeviceError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return torch.device("cpu")
 
+LAUNCH_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+def first_host(nodelist: str) -> str:
+    "The first host of a Slurm node list: `gpu[03-05,9],cpu1` -> `gpu03`."
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if m is None: return nodelist
+    prefix, ranges = m.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+def launch_env(environ) -> dict:
+    "torchrun's variables for this process: torchrun's own, or, where srun started several tasks without torchrun, made from Slurm's."
+    if "RANK" in environ and "WORLD_SIZE" in environ: return {k: environ[k] for k in LAUNCH_KEYS if k in environ}
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or 0)
+    if tasks <= 1: return {}
+    per_node = re.match(r"\d+", environ.get("SLURM_STEP_TASKS_PER_NODE") or str(tasks)).group(0)
+    return {"RANK": environ["SLURM_PROCID"], "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"), "WORLD_SIZE": str(tasks), "LOCAL_WORLD_SIZE": per_node,
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID") or 0) % 20000)}
+
 def init_distributed(device: str = "auto", timeout: float | None = None) -> DistEnv:
-    "Read torchrun's environment; with WORLD_SIZE > 1 join the process group (NCCL on CUDA, gloo on CPU), collectives bounded by `timeout` s."
+    "Read torchrun's (or srun's) environment; with WORLD_SIZE > 1 join the process group (NCCL on CUDA, gloo on CPU), collectives bounded by `timeout` s."
+    os.environ.update(launch_env(os.environ))                   # from Slurm's: the process group reads them (env://), so does every helper
     e = os.environ
     env = DistEnv(int(e.get("RANK", 0)), int(e.get("LOCAL_RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_WORLD_SIZE", 1)))
     env.device = resolve_device(device, env.local_rank)

@@ -4,11 +4,11 @@
 
 # %% ../nbs/00_errors.ipynb #f842391a
 from __future__ import annotations
-import importlib
+import contextlib, importlib
 
 # %% auto #0
 __all__ = ['EXTRAS', 'SegkitError', 'ConfigError', 'DataError', 'ModelError', 'WeightsError', 'CheckpointError', 'DeviceError',
-           'RunDirError', 'NonFiniteLossError', 'MissingExtraError', 'import_extra']
+           'RunDirError', 'NonFiniteLossError', 'MissingExtraError', 'TrainingStopped', 'naming', 'import_extra']
 
 # %% ../nbs/00_errors.ipynb #940c9169
 class SegkitError(Exception):
@@ -42,6 +42,22 @@ class NonFiniteLossError(SegkitError):
 
 class MissingExtraError(SegkitError):
     "An optional package that a feature needs is not installed; the message names the extra that brings it."
+
+class TrainingStopped(KeyboardInterrupt):
+    "A run stopped by a signal (preemption, Ctrl-C) after saving its state; resume it with `--resume auto`. Its command exits with 75."
+    exit_code = 75                                         # EX_TEMPFAIL: not finished, try again (a job script requeues on it)
+    def __init__(self, signal_name: str, step: int):
+        self.signal_name, self.step = signal_name, step
+        super().__init__(f"stopped by {signal_name} at step {step}; resume with --resume auto")
+
+# %% ../nbs/00_errors.ipynb #3100acc5
+@contextlib.contextmanager
+def naming(path):
+    "Give an `OSError` raised inside the name `path`, where it has none."
+    try: yield
+    except OSError as e:
+        if e.filename is None: raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 # %% ../nbs/00_errors.ipynb #eec1ca81
 EXTRAS = {  # import name: (distribution, extra of segkit that installs it)

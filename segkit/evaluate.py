@@ -13,7 +13,7 @@ from .data import make_eval_loader, make_demo_dataset, default_demo_root
 from .layouts import DataOptions, DATA_KEYS, find_layout, resolve_labels, open_split
 from .augment import overlay, to_picture, add_legend
 from .distributed import init_distributed, cleanup_distributed
-from .runtime import IMAGENET_MEAN, IMAGENET_STD, format_iou_table, setup_logging
+from .runtime import IMAGENET_MEAN, IMAGENET_STD, format_iou_table, plot_confusion, setup_logging
 from .inference import InferenceOptions, TorchRunner, evaluate_model, segment
 from .runners import model_from_checkpoint, open_model
 from .cli import command_parser, config_values, inference_overrides, main as command_main, MODEL_FLAGS, INFERENCE_FLAGS
@@ -78,24 +78,7 @@ def write_evaluation(result: dict, out) -> Path:
         w = csv.writer(f)
         w.writerow(["class", "iou", "dice", "accuracy", "pixels"])
         for c in result["iou"]: w.writerow([c, result["iou"][c], result["dice"][c], result["accuracy"][c], result["pixels"][c]])
-    from matplotlib.figure import Figure                   # a figure of its own: no pyplot state, no backend switched under a notebook
-    mat = np.array(result["confusion"], dtype=float)
-    norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
-    k = len(mat)
-    size = min(2 + 0.35 * k, 30)
-    fig = Figure(figsize=(size, size))
-    ax = fig.subplots()
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    names = list(result["iou"])
-    ax.set_xticks(range(k))
-    ax.set_yticks(range(k))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_yticklabels(names, fontsize=7)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("truth")
-    ax.set_title(f"{result['split']}: mIoU {result['miou']:.4f}")
-    fig.tight_layout()
-    fig.savefig(out/"confusion.png", dpi=100)
+    plot_confusion(result["confusion"], list(result["iou"]), f"{result['split']}: mIoU {result['miou']:.4f}", out/"confusion.png")
     return out
 
 EVAL_DATA_KEYS = tuple(k for k in DATA_KEYS if k != "in_channels")      # the model fixes the input channels

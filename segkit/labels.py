@@ -4,17 +4,20 @@
 
 # %% ../nbs/10_labels.ipynb #650c6791
 from __future__ import annotations
+import errno, io, logging, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from .errors import DataError, import_extra
 
+log = logging.getLogger("segkit")
+
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_COLOURS', 'CITYSCAPES_LABEL_IDS',
-           'CITYSCAPES_ID_TO_TRAIN_ID', 'ADE20K_CLASSES', 'MASK_MODES', 'CLASS_WEIGHT_METHODS', 'voc_palette',
-           'read_classes_file', 'read_palette_file', 'parse_label_map', 'read_mask_array', 'LabelSpec', 'LabelCounts',
-           'count_labels', 'class_weights_from_counts']
+__all__ = ['log', 'IGNORE_INDEX', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_COLOURS', 'CITYSCAPES_LABEL_IDS',
+           'CITYSCAPES_ID_TO_TRAIN_ID', 'ADE20K_CLASSES', 'TRANSIENT_ERRNOS', 'MASK_MODES', 'CLASS_WEIGHT_METHODS',
+           'voc_palette', 'read_classes_file', 'read_palette_file', 'parse_label_map', 'read_bytes', 'read_mask_array',
+           'LabelSpec', 'LabelCounts', 'count_labels', 'class_weights_from_counts']
 
 # %% ../nbs/10_labels.ipynb #78457bf5
 IGNORE_INDEX = 255
@@ -112,6 +115,24 @@ def parse_label_map(spec) -> dict:
         out[key] = v
     return out
 
+# %% ../nbs/10_labels.ipynb #338695e6
+TRANSIENT_ERRNOS = {e for e in (errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR, errno.ENETDOWN, errno.ENETUNREACH,
+                                errno.ECONNRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH) if e is not None}
+
+def read_bytes(path, attempts: int = 4, pause: float = 0.2) -> bytes:
+    "The bytes of file `path`; a transient read error (network file systems) is retried up to `attempts` times before it is a `DataError`."
+    path = Path(path)
+    for k in range(attempts):
+        try: return path.read_bytes()
+        except FileNotFoundError: raise DataError(f"File not found: {path}") from None
+        except OSError as e:
+            if e.errno not in TRANSIENT_ERRNOS: raise DataError(f"Cannot read {path}: {e.strerror or e}.") from None
+            if k == attempts - 1:
+                raise DataError(f"Cannot read {path}: {e.strerror or e} ({attempts} tries). The file system holding it may be failing; "
+                                "check it, then continue with --resume auto.") from None
+            log.warning(f"Reading {path} failed ({e.strerror or e}); trying again in {pause * 2 ** k:.1f} s")
+            time.sleep(pause * 2 ** k)
+
 # %% ../nbs/10_labels.ipynb #db933f74
 MASK_MODES = ("index", "palette", "binary")
 
@@ -122,11 +143,12 @@ def read_mask_array(path) -> np.ndarray:
     "A mask file as stored: `[H,W]` values (palette PNGs give indices, not colours) or `[H,W,3]` colours."
     path = Path(path)
     if not path.is_file(): raise DataError(f"Mask file not found: {path}")
+    data = io.BytesIO(read_bytes(path))
     try:
         if path.suffix.lower() == ".mat":   # SBD stores masks as MATLAB structs
             loadmat = import_extra("scipy.io", f"Reading SBD's .mat masks ({path.name})").loadmat
-            return np.asarray(loadmat(str(path))["GTcls"][0]["Segmentation"][0])
-        with Image.open(path) as im:
+            return np.asarray(loadmat(data)["GTcls"][0]["Segmentation"][0])
+        with Image.open(data) as im:
             if im.mode == "P": return np.array(im)                     # palette indices, not colours
             if im.mode in ("RGBA", "LA", "PA"): im = im.convert("RGB")
             m = np.array(im)
@@ -224,7 +246,7 @@ class LabelSpec:
         path = Path(path)
         if self.mask_mode == "index" and path.suffix.lower() == ".png" and path.is_file():
             try:
-                with Image.open(path) as im:
+                with Image.open(io.BytesIO(read_bytes(path))) as im:
                     if im.mode in ("L", "P"): return (im.height, im.width), self.histogram_from_counts(np.array(im.histogram(), np.int64), path)
             except (OSError, ValueError, SyntaxError) as e:
                 raise DataError(f"Cannot read mask {path}: the file is corrupt or not a mask ({str(e).splitlines()[0]}). Replace it with a good copy.") from None

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os, socket, time
 from pathlib import Path
-from .errors import RunDirError
+from .errors import RunDirError, naming
 from .checkpoint import find_resume_checkpoint, load_checkpoint
 from .distributed import DistEnv, broadcast_object, all_gather_object, barrier
 from .config import Config
@@ -58,10 +58,11 @@ class RunLock:
             self.f.close()
             raise RunDirError(f"{self.path.parent} is in use by another segkit process (pid {other or '?'}). "
                               "Wait for it to finish, or choose another --run-dir.") from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(str(os.getpid()))
-        self.f.flush()
+        with naming(self.path):
+            self.f.seek(0)
+            self.f.truncate()
+            self.f.write(str(os.getpid()))
+            self.f.flush()
         return self
     def __exit__(self, *exc):
         if self.f:
@@ -74,7 +75,8 @@ def check_shared_run_dir(run_dir: Path, env: DistEnv):
     if not env.distributed: return
     marker = Path(run_dir)/".shared-check"
     token = broadcast_object(f"{socket.gethostname()} {os.getpid()} {time.time_ns()}" if env.is_main else None)
-    if env.is_main: marker.write_text(token)
+    if env.is_main:
+        with naming(marker): marker.write_text(token)
     barrier()
     deadline = time.time() + 10                        # a network file system may show a new file to other nodes a little later
     while True:

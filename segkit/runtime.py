@@ -15,8 +15,8 @@ from .distributed import DistEnv
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'IMAGENET_MEAN', 'IMAGENET_STD', 'to_input', 'image_mean_std', 'autocast', 'colorize', 'format_iou_table',
-           'setup_logging']
+__all__ = ['log', 'IMAGENET_MEAN', 'IMAGENET_STD', 'to_input', 'image_mean_std', 'autocast', 'colorize', 'plot_confusion',
+           'format_iou_table', 'RunLogHandler', 'setup_logging']
 
 # %% ../nbs/20_runtime.ipynb #f28ea924
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -59,6 +59,27 @@ def colorize(mask: torch.Tensor, palette=None) -> torch.Tensor:
     pal = torch.as_tensor(voc_palette() if palette is None else np.asarray(palette, np.uint8))
     return pal[mask.long()].permute(2, 0, 1)
 
+def plot_confusion(mat, names, title: str, path) -> Path:
+    "The confusion matrix `mat` (counts, truth by prediction), each row normalised, as a picture in `path`."
+    from matplotlib.figure import Figure                   # a figure of its own: no pyplot state, no backend switched under a notebook
+    mat = np.asarray(mat, dtype=float)
+    norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
+    k = len(mat)
+    size = min(2 + 0.35 * k, 30)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
 def format_iou_table(result: dict, classes) -> str:
     "Per-class IoU table as text (n/a: class absent from truth and prediction), then mIoU, pixel and mean class accuracy."
     w = max([16] + [len(str(c)) + 2 for c in classes])
@@ -67,6 +88,23 @@ def format_iou_table(result: dict, classes) -> str:
                              f"{'mean class acc':<{w}}{result['mean_acc']:>8.4f}"])
 
 # %% ../nbs/20_runtime.ipynb #f9d5156f
+class RunLogHandler(logging.FileHandler):
+    "The run's `log.txt`: a write that fails (a full disk) is one warning on the console and the file is given up; never a traceback."
+    failed = False
+    def emit(self, record):
+        if not self.failed: super().emit(record)
+    def handleError(self, record): self._give_up(sys.exc_info()[1])
+    def _give_up(self, error):
+        if self.failed: return
+        self.failed = True
+        sys.stderr.write(f"segkit: warning: cannot write {self.baseFilename} ({error}); the log goes on on the console only\n")
+    def flush(self):
+        try: super().flush()
+        except OSError as e: self._give_up(e)
+    def close(self):
+        try: super().close()
+        except OSError as e: self._give_up(e)
+
 def setup_logging(run_dir: Path | None, env: DistEnv) -> logging.Logger:
     "Console logging on every rank (warnings only off rank 0) and `log.txt` in the run folder on rank 0."
     for h in list(log.handlers):
@@ -80,7 +118,7 @@ def setup_logging(run_dir: Path | None, env: DistEnv) -> logging.Logger:
     console.setLevel(logging.INFO if env.is_main else logging.WARNING)
     log.addHandler(console)
     if run_dir is not None and env.is_main:
-        fh = logging.FileHandler(Path(run_dir)/"log.txt")
+        fh = RunLogHandler(Path(run_dir)/"log.txt")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
     return log

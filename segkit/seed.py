@@ -4,12 +4,12 @@
 
 # %% ../nbs/01_seed.ipynb #e312cafc
 from __future__ import annotations
-import os, random
+import os, random, signal, threading
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['seed_everything', 'derive_seed', 'WorkerSeeder', 'get_rng_state', 'set_rng_state']
+__all__ = ['STOP_SIGNALS', 'seed_everything', 'derive_seed', 'shield_worker', 'WorkerSeeder', 'get_rng_state', 'set_rng_state']
 
 # %% ../nbs/01_seed.ipynb #4cfc20b0
 def seed_everything(seed: int, deterministic: bool = False) -> int:
@@ -33,15 +33,34 @@ def derive_seed(*keys: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 # %% ../nbs/01_seed.ipynb #90100309
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))
+_shielded = None                                                           # the worker process whose signals are set
+
+def shield_worker(parent: int):
+    """In a data-loader worker: ignore the stop signals, except SIGTERM from `parent` (the training process), which is how
+    it ends its workers (`multiprocessing` at exit, the loader when a worker hangs)."""
+    global _shielded
+    if _shielded == os.getpid(): return
+    _shielded = os.getpid()
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGTERM: signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"): return                          # no sender to tell apart (macOS): SIGTERM stays deadly
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})            # before any other thread of this worker exists
+    def wait():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent: os._exit(0)     # an exit the loader expects
+    threading.Thread(target=wait, name="segkit-worker-signals", daemon=True).start()
+
 class WorkerSeeder:
-    "`worker_init_fn` that gives every (seed, rank, epoch, worker) its own python, numpy and torch stream."
+    "`worker_init_fn` that gives every (seed, rank, epoch, worker) its own python, numpy and torch stream, and leaves stop signals to the training process."
     def __init__(self, seed: int, rank: int = 0, epoch: int = 0): self.seed, self.rank, self.epoch = seed, rank, epoch
     def __call__(self, worker_id: int):
+        info = torch.utils.data.get_worker_info()
+        if info is not None: shield_worker(os.getppid())                    # a signal to the whole process group must not kill it mid-batch
         s = derive_seed(self.seed, self.rank, self.epoch, worker_id)
         random.seed(s)
         np.random.seed(s % 2**32)
         torch.manual_seed(s)
-        info = torch.utils.data.get_worker_info()
         if info is not None: info.dataset.worker_seeder = self          # so that a persistent worker can be told of a new epoch
     def at_epoch(self, epoch: int):
         "In a worker that lives on from epoch to epoch: seed its streams for `epoch`, as a new worker would be."

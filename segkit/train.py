@@ -5,14 +5,14 @@
 # %% ../nbs/31_train.ipynb #98c69bc6
 from __future__ import annotations
 import contextlib, json, logging, os
-from .errors import SegkitError, ConfigError, import_extra
+from .errors import SegkitError, ConfigError, import_extra, naming
 from .checkpoint import load_checkpoint
 from .distributed import init_distributed, cleanup_distributed, broadcast_object
 from .config import Config, check_preset, make_config, preset_layer, save_config, format_config
 from .runtime import setup_logging
 from .prepare import prepare_data, apply_debug
 from .rundir import plan_run, RunLock, check_shared_run_dir
-from .trainer import Trainer
+from .trainer import Trainer, StopSignals
 from .ema import ModelEMA
 from .cli import parse_config, main as command_main
 
@@ -37,6 +37,7 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
     if cfg.amp == "fp16" and env.device.type != "cuda": raise ConfigError("amp='fp16' needs CUDA; use --amp bf16 or --amp none on the CPU.")
     if cfg.mlflow: import_extra("mlflow", "--mlflow true")
     setup_logging(None, env)
+    stopper = StopSignals(cfg.stop_signals).__enter__()                   # from here on a stop signal saves and stops (see segkit.trainer)
     try:
         plan, ckpt = None, None
         if env.is_main:
@@ -60,11 +61,12 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
                 return {"run_dir": str(run_dir), "epoch": ckpt["epoch"], "step": ckpt["step"], "miou": last.get("miou"),
                         "best": ckpt["best"]["table"], "finished": True, "seconds": 0.0}
             trainer = Trainer(cfg, env, run_dir)
+            trainer.stopper = stopper
             if env.is_main:
                 layout = getattr(trainer.train_ds, "layout", None)
                 save_config(trainer.cfg, run_dir/"config.yaml", f"data: {layout.describe()}" if layout is not None else None)
                 if trainer.cfg.class_weights is not None:
-                    (run_dir/"class_weights.json").write_text(json.dumps(dict(zip(map(str, trainer.classes), trainer.cfg.class_weights)), indent=1))
+                    with naming(run_dir/"class_weights.json"): (run_dir/"class_weights.json").write_text(json.dumps(dict(zip(map(str, trainer.classes), trainer.cfg.class_weights)), indent=1))
             if ckpt is not None: trainer.load(ckpt, resume_from)
             elif env.is_main:                                     # a fresh start: clear what an interrupted start left
                 trainer._write_metrics_file()
@@ -74,6 +76,7 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
                                      f"{summary['seconds']:.0f} s; run folder {run_dir}")
             return summary
     finally:
+        stopper.__exit__()
         for h in list(log.handlers):
             if isinstance(h, logging.FileHandler):
                 log.removeHandler(h)

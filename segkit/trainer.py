@@ -4,12 +4,12 @@
 
 # %% ../nbs/26_trainer.ipynb #0a071bcf
 from __future__ import annotations
-import contextlib, json, logging, math, os, time, warnings
+import contextlib, json, logging, math, os, signal, subprocess, threading, time, warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 import torch
 from torch import nn
-from .errors import DataError, CheckpointError, ConfigError, NonFiniteLossError, WeightsError, import_extra
+from .errors import DataError, CheckpointError, ConfigError, NonFiniteLossError, SegkitError, TrainingStopped, WeightsError, naming
 from .seed import seed_everything, derive_seed, get_rng_state, set_rng_state
 from .data import make_train_loader, make_eval_loader, set_loader_epoch
 from .augment import to_picture
@@ -18,17 +18,19 @@ from .metrics import SegmentationLoss
 from .checkpoint import atomic_save, BestCheckpoints
 from .distributed import DistEnv, wrap_model, unwrap, barrier, all_gather_object, all_reduce_sum
 from .config import Config
-from .runtime import to_input, autocast, colorize, format_iou_table
+from .runtime import to_input, autocast, colorize, format_iou_table, plot_confusion
 from .inference import InferenceOptions, evaluate_model
 from .prepare import prepare_data
 from .ema import ModelEMA
+from .trackers import Trackers
 
 log = logging.getLogger("segkit")
 try: SEGKIT_VERSION = version("segkit")
 except PackageNotFoundError: SEGKIT_VERSION = "unknown"
 
 # %% auto #0
-__all__ = ['log', 'warmup_then', 'poly_lr_lambda', 'cosine_lr_lambda', 'lr_lambda', 'accumulation_group', 'Trainer']
+__all__ = ['log', 'MAX_WORKER_RESTARTS', 'warmup_then', 'poly_lr_lambda', 'cosine_lr_lambda', 'lr_lambda', 'accumulation_group',
+           'StopSignals', 'out_of_memory_advice', 'requeue_slurm_job', 'Trainer']
 
 # %% ../nbs/26_trainer.ipynb #a5df4f13
 def warmup_then(decay, total_steps: int, warmup_steps: int = 0, warmup_factor: float = 1e-3):
@@ -59,6 +61,46 @@ def accumulation_group(i: int, n: int, accumulate: int) -> tuple[int, bool]:
     start = i - i % accumulate
     size = min(accumulate, n - start)
     return size, i == start + size - 1
+
+# %% ../nbs/26_trainer.ipynb #52726949
+MAX_WORKER_RESTARTS = 3                                                     # per epoch
+
+def _first_line(e: BaseException) -> str: return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+class StopSignals:
+    "While open, the signals `names` (e.g. TERM, INT, USR1) are caught: `caught` is the first one's name; the earlier handlers come back on exit."
+    def __init__(self, names=("TERM", "INT", "USR1")):
+        self.signals = [getattr(signal, "SIG" + n.upper().removeprefix("SIG")) for n in names]
+        self.caught, self.previous = None, {}
+
+    def _catch(self, signum, frame):
+        if self.caught is None: self.caught = signal.Signals(signum).name        # nothing else here: a handler may run inside any code
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():             # Python lets the main thread alone set handlers
+            for s in self.signals: self.previous[s] = signal.signal(s, self._catch)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items(): signal.signal(s, handler)
+        self.previous = {}
+
+@contextlib.contextmanager
+def out_of_memory_advice(cfg: Config):
+    "Turn running out of GPU memory in a training step into one line with what to change."
+    try: yield
+    except torch.OutOfMemoryError:
+        raise SegkitError(f"Out of GPU memory training {cfg.model} on batches of {cfg.batch_size} crops of {cfg.crop_size}x{cfg.crop_size}. Lower "
+                          "--batch-size (and raise --accumulate to keep the global batch) or --crop-size, or add --grad-checkpoint (the "
+                          "backbone's activations recomputed) or --amp bf16; then continue with --resume auto.") from None
+
+def requeue_slurm_job(job_id: str):
+    "Ask Slurm to requeue job `job_id` (it restarts once this process ends); a failure is a warning."
+    try:
+        r = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=30)
+        if r.returncode: log.warning(f"scontrol requeue {job_id} failed: {r.stderr.strip()[:200]}")
+        else: log.info(f"Slurm job {job_id} requeued: it starts again and resumes")
+    except (OSError, subprocess.TimeoutExpired) as e: log.warning(f"scontrol requeue {job_id} failed: {e}")
 
 # %% ../nbs/26_trainer.ipynb #090552a8
 class Trainer:
@@ -100,8 +142,10 @@ class Trainer:
         self._reset_loss()
         self._reset_flag()
         seed_everything(derive_seed(cfg.seed, env.rank, 1))                # this rank's own stream from here on
-        self.writer = self.mlflow = self.bar = None
-        self.last_loss = float("nan")
+        self.model_name = cfg.model + (f" (encoder {cfg.encoder})" if cfg.encoder else "")
+        self.trackers, self.bar, self.stopper = None, None, None          # trackers opened by fit; stopper: the stop signals (set by `train`)
+        self.last_loss, self.saved_at, self.micro_done = float("nan"), time.monotonic(), 0
+        self.last_confusion = None
 
     def _build_data(self):
         cfg, env = self.cfg, self.env
@@ -131,6 +175,7 @@ class Trainer:
     def state_dict(self, finished: bool = False) -> dict:
         "Everything a resume needs. A collective: every rank must call it (it gathers the RNG states)."
         rng = all_gather_object(get_rng_state())
+        since_log = all_gather_object((float(self.loss_sum), self.loss_n))        # each rank's loss since the last log
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step, "rng": rng,
@@ -138,7 +183,7 @@ class Trainer:
                 "num_classes": self.num_classes, "model_name": self.cfg.model, "best": self.best.state_dict(),
                 "labels": self.train_ds.labels.to_dict() if hasattr(self.train_ds, "labels") else None,
                 "metrics": self.history, "losses": self.losses, "epoch_loss": self.epoch_loss, "finished": finished,
-                "ema": self.ema.state_dict() if self.ema else None,
+                "ema": self.ema.state_dict() if self.ema else None, "loss_since_log": since_log,
                 "segkit_version": SEGKIT_VERSION}
 
     def load(self, ckpt: dict, source: Path):
@@ -164,6 +209,10 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         self.history, self.best.table = list(ckpt["metrics"]), [dict(r) for r in ckpt["best"]["table"]]
         self.losses, self.epoch_loss = [list(x) for x in ckpt["losses"]], list(ckpt["epoch_loss"])
+        if ckpt.get("loss_since_log"):                                      # a checkpoint between two logs (a stop, a time-based one)
+            saved = ckpt["loss_since_log"]
+            mine = saved[self.env.rank] if len(saved) == self.env.world_size else (sum(v for v, _ in saved), sum(n for _, n in saved)) if self.env.is_main else (0.0, 0)
+            self.loss_sum, self.loss_n = torch.tensor(mine[0], dtype=torch.float32, device=self.device), mine[1]
         if ckpt["world_size"] == self.env.world_size: set_rng_state(ckpt["rng"][self.env.rank])
         else: self._continue_other_world_size(ckpt)
         if self.env.is_main:
@@ -188,14 +237,17 @@ class Trainer:
                     "bit-identical to an uninterrupted run.")
 
     def save_checkpoint(self, finished: bool = False):
+        "Write `last.pt` (a collective: rank 0 writes); then the trackers send what this checkpoint records."
         state = self.state_dict(finished)
         if self.env.is_main:
             atomic_save(state, self.ckpt_dir/"last.pt", keep_previous=self.ckpt_dir/"last-prev.pt")
+            if self.trackers is not None: self.trackers.commit()
+        self.saved_at = time.monotonic()
         barrier()
 
     def _write_metrics_file(self):
         tmp = self.run_dir/".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        with naming(tmp): tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         os.replace(tmp, self.run_dir/"metrics.jsonl")
 
     def check_loss(self, epoch: int, log_it: bool = False):
@@ -215,39 +267,60 @@ class Trainer:
             self.epoch_loss[0] += float(loss_sum)
             self.epoch_loss[1] += int(count)
             if self.env.is_main:
-                if self.writer:
-                    self.writer.add_scalar("train/loss", loss, self.step)
-                    self.writer.add_scalar("train/lr", lr, self.step)
-                if self.mlflow: self.mlflow.log_metrics({"train_loss": loss, "lr": lr}, step=self.step)
+                if self.trackers is not None: self.trackers.log(self.step, {"train/loss": loss, "train/lr": lr})
                 if self.bar is not None: self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 log.debug(f"step {self.step} loss {loss:.4f} lr {lr:.3e}")
             self.last_loss = loss
             self._reset_loss()
 
     def train_epoch(self, epoch: int):
+        "Train the micro-batches of `epoch` from where the run is; a data-loader worker that dies is replaced, at the same place in the epoch."
         cfg, env = self.cfg, self.env
-        set_loader_epoch(self.train_loader, epoch, self.batch_in_epoch)
+        self.micro_done = self.batch_in_epoch
         self.model.train()
         if getattr(unwrap(self.model), "backbone_frozen", False): unwrap(self.model).backbone.eval()
-        n = self.batches_per_epoch
         if env.is_main and cfg.progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=n, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for i, (images, masks) in enumerate(self.train_loader, start=self.batch_in_epoch):
+            self.bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        restarts = 0
+        while True:
+            set_loader_epoch(self.train_loader, epoch, self.micro_done)
+            try:
+                self._micro_batches(epoch)
+                break
+            except RuntimeError as e:
+                if "DataLoader worker" not in str(e): raise
+                restarts += 1
+                if restarts > MAX_WORKER_RESTARTS:
+                    raise SegkitError(f"Data-loader workers keep dying ({restarts} times in epoch {epoch + 1}); the likely cause is memory: the "
+                                      "system's out-of-memory killer ends the largest process. Lower --num-workers or --batch-size, then "
+                                      "continue with --resume auto.") from None
+                log.warning(f"A data-loader worker died ({_first_line(e)}); starting new workers at batch {self.micro_done} of epoch {epoch + 1}")
+                self.train_loader = make_train_loader(self.train_ds, cfg.batch_size, cfg.seed, env.rank, env.world_size, cfg.num_workers,
+                                                      self.device.type == "cuda")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _micro_batches(self, epoch: int):
+        "The micro-batches of the loader, from `micro_done` on, in accumulation groups."
+        cfg, env, n = self.cfg, self.env, self.batches_per_epoch
+        batches = iter(self.train_loader)
+        if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)      # a dead worker is an error of the next fetch, not of whatever code runs then
+        for i, (images, masks) in enumerate(batches, start=self.micro_done):
             size, closes = accumulation_group(i, n, cfg.accumulate)
             x, y = to_input(images, self.device, cfg.channels_last, cfg.mean, cfg.std), masks.to(self.device, non_blocking=True).long()
             sync = self.model.no_sync() if env.distributed and not closes else contextlib.nullcontext()
-            with sync:
+            with sync, out_of_memory_advice(cfg):
                 with autocast(self.device, cfg.amp): loss = self.criterion(self.forward(x), y)
                 self.scaler.scale(loss / size).backward()
             self.loss_sum += loss.detach().float()
             self.loss_n += 1
             self.nonfinite |= ~torch.isfinite(loss.detach())
+            self.micro_done = i + 1
             if closes: self.optimizer_step(epoch, i + 1)
             if self.bar is not None: self.bar.update(1)
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
     def forward(self, x):
         "The model on a training batch; a crop or batch too small for the model is the user's to fix, and said so."
@@ -279,9 +352,30 @@ class Trainer:
         self.batch_in_epoch = batches_done
         log_it = self.step % cfg.log_every == 0
         if log_it or self.step % self.check_every == 0: self.check_loss(epoch, log_it)
-        if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and batches_done < self.batches_per_epoch:
+        if batches_done == self.batches_per_epoch: return                     # the epoch's end saves and stops in `fit`
+        stop, due = self.agreed_flags() if self.step % self.check_every == 0 else (False, False)
+        if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
             self.check_loss(epoch, log_it=True)
             self.save_checkpoint()
+        elif stop or due:                                                    # the loss since the last log travels in the checkpoint,
+            self.check_loss(epoch)                                           # so that a stop changes nothing in what is logged
+            self.save_checkpoint()
+        if stop: self.stop_now()
+
+    def agreed_flags(self) -> tuple[bool, bool]:
+        "(stop, checkpoint due), the same on every rank: a stop signal caught by any rank, `checkpoint_every_minutes` passed on rank 0."
+        stop = self.stopper is not None and self.stopper.caught is not None
+        due = bool(self.cfg.checkpoint_every_minutes) and time.monotonic() - self.saved_at >= 60 * self.cfg.checkpoint_every_minutes
+        if not self.env.distributed: return stop, due
+        flags = all_reduce_sum(torch.tensor([float(stop), float(due and self.env.is_main)], device=self.device))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def stop_now(self):
+        "End the run after its checkpoint: requeue the Slurm job if asked, and raise `TrainingStopped`."
+        name = (self.stopper.caught if self.stopper is not None else None) or "a signal on another rank"
+        log.info(f"stopped by {name} at step {self.step}; resume with --resume auto")
+        if self.env.is_main and self.cfg.slurm_requeue and os.environ.get("SLURM_JOB_ID"): requeue_slurm_job(os.environ["SLURM_JOB_ID"])
+        raise TrainingStopped(name, self.step)
 
     def evaluate(self, epoch: int) -> dict:
         cfg = self.cfg
@@ -293,6 +387,7 @@ class Trainer:
         for prefix, model in weights:
             cm, examples = evaluate_model(getattr(model, "_orig_mod", model), self.val_loader, self.num_classes, self.device, cfg.amp, cfg.channels_last,
                                           keep_examples=4 if self.env.is_main and not prefix else 0, mean=cfg.mean, std=cfg.std, opts=self.eval_opts)
+            if not prefix: self.last_confusion = cm.mat.cpu()
             scored.append((prefix, cm.compute(), examples))
             record.update({prefix + k: scored[-1][1][k] for k in ("miou", "pixel_acc", "mean_acc", "mean_dice")})
         _, r, examples = scored[0]
@@ -304,50 +399,33 @@ class Trainer:
             log.info(f"epoch {epoch + 1}: val mIoU{which} {r['miou']:.4f}{beside}, pixel acc {r['pixel_acc']:.4f} "
                      f"({len(self.val_ds)} images, {time.perf_counter() - t0:.1f} s)")
             log.info("per-class IoU:\n" + format_iou_table(r, self.classes))
-            if self.writer:
-                for k in ("miou", "pixel_acc", "mean_acc", "mean_dice"): self.writer.add_scalar(f"val/{k}", r[k], self.step)
-                for p, _ in weights[1:]: self.writer.add_scalar(f"val/{p}miou", record[p + "miou"], self.step)
-                for c, v in zip(self.classes, r["iou"]):
-                    if not math.isnan(v): self.writer.add_scalar(f"val_iou/{c}", v, self.step)
-                if examples:
-                    from torchvision.utils import make_grid
-                    tiles = [t for img, m, p in examples for t in (to_picture(img), colorize(m, self.palette), colorize(p, self.palette))]
-                    h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
-                    tiles = [nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles]
-                    self.writer.add_image("val/input_truth_prediction", make_grid(tiles, nrow=3, padding=2), self.step)
-            if self.mlflow: self.mlflow.log_metrics({f"val_{k}": r[k] for k in ("miou", "pixel_acc", "mean_acc")}, step=self.step)
+            values = {f"val/{k}": r[k] for k in ("miou", "pixel_acc", "mean_acc", "mean_dice")}
+            values.update({f"val/{p}miou": record[p + "miou"] for p, _ in weights[1:]})
+            values.update({f"val_iou/{c}": v for c, v in zip(self.classes, r["iou"]) if not math.isnan(v)})
+            if examples:
+                from torchvision.utils import make_grid
+                tiles = [t for img, m, p in examples for t in (to_picture(img), colorize(m, self.palette), colorize(p, self.palette))]
+                h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+                tiles = [nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles]
+                values["val/input_truth_prediction"] = make_grid(tiles, nrow=3, padding=2)
+            if self.trackers is not None: self.trackers.log(self.step, values)
         return record
 
 
-    def _open_trackers(self):
-        if not self.env.is_main: return
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir/"tb"), purge_step=self.step + 1 if self.step else None)
-        if self.cfg.mlflow:
-            mlflow = import_extra("mlflow", "--mlflow true")
-            mlflow.set_tracking_uri((self.run_dir/"mlruns").resolve().as_uri())
-            mlflow.set_experiment("segkit")
-            mlflow.start_run(run_name=self.run_dir.name)
-            mlflow.log_params({k: v for k, v in self.cfg.to_dict().items() if v is not None and not isinstance(v, (dict, list))})
-            self.mlflow = mlflow
-
-    def _close_trackers(self):
-        if self.writer: self.writer.close()
-        if self.mlflow: self.mlflow.end_run()
-
     def fit(self) -> dict:
-        "Train from the current state to `cfg.epochs`; returns a summary."
+        "Train from the current state to `cfg.epochs`; returns a summary. A stop signal ends it, after a checkpoint, with `TrainingStopped`."
         cfg, env = self.cfg, self.env
         t0 = time.perf_counter()
         for note in self.data_notes: log.info(note)
-        log.info(f"Training {cfg.model} on {self.train_ds.name} ({len(self.train_ds)} images) / {self.val_ds.name} "
+        log.info(f"Training {self.model_name} on {self.train_ds.name} ({len(self.train_ds)} images) / {self.val_ds.name} "
                  f"({len(self.val_ds)}), {self.num_classes} classes, device {self.device}, {env.world_size} process(es)")
         log.info(f"Batch {cfg.batch_size} per process x {env.world_size} process(es) x {cfg.accumulate} accumulation = "
                  f"global batch {cfg.batch_size * env.world_size * cfg.accumulate}; {self.steps_per_epoch} optimizer steps per epoch, "
                  f"{self.total_steps} in all, {cfg.schedule} lr schedule; amp {cfg.amp}")
-        self._open_trackers()
+        self.trackers = Trackers(cfg, self.run_dir, env.is_main, resume_step=self.step)
+        finished = False
         try:
+            if self.agreed_flags()[0]: self.stop_now()                       # stopped while the data and model were being prepared
             for epoch in range(self.epoch, cfg.epochs):
                 if self.batch_in_epoch == 0: self.epoch_loss = [0.0, 0]
                 self.train_epoch(epoch)
@@ -362,9 +440,20 @@ class Trainer:
                     self.best.commit(self.ckpt_dir/"last.pt")
                     log.info(f"epoch {epoch + 1}/{cfg.epochs} done: step {self.step}, train loss {self.last_loss:.4f}, "
                              f"{time.perf_counter() - t0:.0f} s" + (f"; new best {new_best}" if new_best else ""))
+                if self.epoch < cfg.epochs and self.agreed_flags()[0]: self.stop_now()
+            finished = True
+            if env.is_main: self._final_artifacts()
         finally:
-            self._close_trackers()
+            self.trackers.close(finished)
         return self.summary(time.perf_counter() - t0)
+
+    def _final_artifacts(self):
+        "The run's config and the picture of its last confusion matrix, for the trackers that keep files."
+        if self.last_confusion is None: return
+        picture = plot_confusion(self.last_confusion, self.classes, f"val, epoch {self.epoch}: mIoU {self.history[-1]['miou']:.4f}",
+                                 self.run_dir/"confusion.png")
+        for path in (self.run_dir/"config.yaml", picture):
+            if path.is_file(): self.trackers.artifact(path)
 
     def summary(self, seconds: float = 0.0) -> dict:
         last = self.history[-1] if self.history else {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno, json, logging, math, os, pickle, re, shutil
 from pathlib import Path
 import torch
-from ..errors import CheckpointError
+from ..errors import CheckpointError, naming
 
 log = logging.getLogger("segkit")
 
@@ -141,7 +141,7 @@ class BestCheckpoints:
 
     def write_table(self):
         tmp = self.dir/".best.json.tmp"
-        tmp.write_text(json.dumps({"metric": self.metric, "mode": self.mode, "best": self.table}, indent=1))
+        with naming(tmp): tmp.write_text(json.dumps({"metric": self.metric, "mode": self.mode, "best": self.table}, indent=1))
         os.replace(tmp, self.dir/"best.json")
 
     def sync(self, source=None, step=None):

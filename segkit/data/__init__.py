@@ -4,16 +4,16 @@
 
 # %% ../../nbs/11_data.ipynb #adc0088b
 from __future__ import annotations
-import collections, copy, functools, itertools, json, os, shutil, tempfile
+import collections, copy, functools, io, itertools, json, os, shutil, tempfile
 from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 from ..seed import WorkerSeeder, derive_seed
 from ..errors import DataError
-from ..labels import IGNORE_INDEX, VOC_CLASSES, voc_palette, LabelSpec, MASK_MODES, read_classes_file
+from ..labels import IGNORE_INDEX, VOC_CLASSES, voc_palette, LabelSpec, MASK_MODES, read_classes_file, read_bytes
 
 # %% auto #0
 __all__ = ['DEMO_CLASSES', 'read_image', 'read_mask', 'SegmentationDataset', 'find_voc_root', 'VOCSegmentation', 'find_sbd_root',
@@ -39,11 +39,12 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
     path = Path(path)
     if not path.is_file(): raise DataError(f"Image file not found: {path}")
     if channels not in (1, 3, 4): raise DataError(f"in_channels must be 1, 3 or 4, got {channels}.")
+    data = read_bytes(path)                                          # transient read errors retried (see segkit.labels)
     try:
         if path.suffix.lower() in _TV_FORMATS and not (channels == 4 and path.suffix.lower() in (".jpg", ".jpeg")):
-            x = decode_image(read_file(str(path)), mode=_TV_MODES[channels])      # 16-bit PNGs come back as uint16
+            x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_TV_MODES[channels])   # 16-bit PNGs: uint16
             return x.float() / 257.0 if x.dtype == torch.uint16 else x
-        with Image.open(path) as im: a = _pil_array(im, channels)
+        with Image.open(io.BytesIO(data)) as im: a = _pil_array(im, channels)
         return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
     except (RuntimeError, OSError, ValueError, SyntaxError, IndexError) as e:
         raise DataError(f"Cannot read image {path}: the file is corrupt, truncated or not an image ({str(e).splitlines()[-1] if str(e) else type(e).__name__}). "
@@ -318,7 +319,7 @@ def make_eval_loader(ds, batch_size=1, rank=0, world_size=1, num_workers=0, pin_
     if batch_size > 1 and isinstance(ds, SegmentationDataset):
         batching = dict(batch_sampler=SameSizeBatchSampler(shard, {i: _size_or_none(ds.images[i]) for i in shard}, batch_size))
     return DataLoader(ds, **batching, num_workers=num_workers, pin_memory=pin_memory, collate_fn=functools.partial(pad_collate, sizes=True),
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0), worker_init_fn=WorkerSeeder(0, rank))
 
 def set_loader_epoch(loader, epoch: int, skip_batches: int = 0):
     "Move a training loader to `epoch`, skipping the first `skip_batches` batches of this rank's shard."

@@ -19,8 +19,8 @@ log = logging.getLogger("segkit")
 __all__ = ['log', 'TORCHVISION_MODELS', 'MODEL_NAMES', 'SMP_ARCHITECTURES', 'SMP_DEFAULT_ENCODERS', 'SMP_SIZE_MULTIPLES', 'UNet',
            'import_object', 'resolve_weights', 'load_state_dict_file', 'load_fitting_state', 'adapt_input_channels',
            'get_model', 'is_smp', 'smp_architecture', 'smp_default_encoder', 'SmpModel', 'load_encoder_weights',
-           'smp_model', 'load_smp_weights', 'param_groups', 'freeze_backbone', 'train_mode', 'stage_blocks',
-           'backbone_blocks', 'checkpoint_backbone']
+           'smp_model', 'load_smp_weights', 'meta_model', 'param_groups', 'freeze_backbone', 'train_mode',
+           'stage_blocks', 'backbone_blocks', 'checkpoint_backbone']
 
 # %% ../../nbs/14_models.ipynb #6a9208ca
 def _double_conv(cin, cout):
@@ -287,6 +287,17 @@ def load_smp_weights(model: SmpModel, weights, num_classes: int):
     state = load_state_dict_file(resolve_weights(p))
     if not any(k.startswith("net.") for k in state): state = {f"net.{k}": v for k, v in state.items()}
     model.reinitialised = load_fitting_state(model, state, num_classes, what=f"weights {p}", optional=())
+
+# %% ../../nbs/14_models.ipynb #eb48e446
+def meta_model(model: str, num_classes: int, aux_loss: bool = False, encoder: str | None = None, **model_kwargs) -> nn.Module:
+    """Segkit model `model` on the meta device: built there directly (no memory, no time), or on the CPU and moved
+    when its constructor reads tensor values (MiT encoders compute drop-path rates with `.item()`)."""
+    try:
+        with torch.device("meta"): return get_model(model, num_classes, aux_loss, encoder=encoder, **model_kwargs)
+    except ModelError as e:
+        if "meta" not in str(e): raise
+    return get_model(model, num_classes, aux_loss, encoder=encoder, **model_kwargs).to("meta")
+
 
 # %% ../../nbs/14_models.ipynb #fcd42ebc
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0) -> list:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 import torch
 from ..errors import ModelError, import_extra
-from . import (TORCHVISION_MODELS, SMP_ARCHITECTURES, SmpModel, backbone_blocks, get_model, smp_default_encoder)
+from . import (TORCHVISION_MODELS, SMP_ARCHITECTURES, SmpModel, backbone_blocks, meta_model, smp_default_encoder)
 from ..cli import command_parser, main as command_main
 
 # %% auto #0
@@ -16,11 +16,11 @@ __all__ = ['ONNX_EXPORT', 'describe_model', 'encoder_names', 'format_rows', 'mai
 # %% ../../nbs/36_models_command.ipynb #1fd4ef0a
 ONNX_EXPORT = {  # architecture (with its default or small encoder): dynamic (any size), fixed (one size), no
     **{name: "dynamic" for name in TORCHVISION_MODELS}, "unet": "dynamic",
-    **{f"smp:{a}": "dynamic" for a in SMP_ARCHITECTURES}}
+    **{f"smp:{a}": "dynamic" for a in SMP_ARCHITECTURES}, "smp:pspnet": "no", "smp:upernet": "no", "smp:dpt": "no"}
 
 def describe_model(name: str, encoder: str | None = None, num_classes: int = 21) -> dict:
     "Parameters, input-size rule, ONNX export and gradient checkpointing of model `name` (built on the meta device)."
-    with torch.device("meta"): model = get_model(name, num_classes, encoder=encoder)
+    model = meta_model(name, num_classes, encoder=encoder)
     multiple = getattr(model, "size_multiple", 1)
     try: blocks = len(backbone_blocks(model)) if hasattr(model, "backbone") else 0
     except (ModelError, AttributeError): blocks = 0
