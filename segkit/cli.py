@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_cli.ipynb #c64975b4
 from __future__ import annotations
-import argparse, dataclasses, difflib, errno, os, re, shlex, sys
+import argparse, dataclasses, difflib, errno, os, re, shlex, signal, sys
 from dataclasses import dataclass, field
 from .errors import SegkitError, ConfigError, TrainingStopped
 from .checkpoint import WEIGHT_CHOICES
@@ -148,6 +148,7 @@ def run_cli(fn, argv=None) -> int:
         fn(argv)
         return 0
     except TrainingStopped as e:                           # a signal stopped the run after its checkpoint: not a mistake
+        for name in {"SIGTERM", "SIGINT", "SIGUSR1", e.signal_name}: signal.signal(getattr(signal, name), signal.SIG_IGN)   # a second signal changes no exit status
         print(f"segkit: {e}", file=sys.stderr)
         return e.exit_code
     except SegkitError as e: err = e

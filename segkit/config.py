@@ -265,6 +265,21 @@ PRESETS = {
     "membrane_unet": dict(model="unet", classes=["membrane", "cell"], mask_mode="binary",
                           val_split=6, crop_size=256, base_size=512, scale_min=1.0, scale_max=1.0,
                           epochs=80, batch_size=4, optimizer="adamw", lr=0.003, warmup_steps=10, num_workers=1, eval_every=4),
+    # modern models, with the published recipes' settings (see 42_recipes): iterations turned into epochs of the train split
+    "cityscapes_segformer_b2": dict(model="smp:segformer", encoder="mit_b2", epochs=430, batch_size=8, crop_size=1024, base_size=1024,
+                                    scale_min=0.5, scale_max=2.0, optimizer="adamw", lr=6e-5, weight_decay=0.01, head_lr_mult=10.0,
+                                    warmup_steps=1500, poly_power=1.0, amp="bf16", eval_every=20, eval_mode="slide", eval_crop=[1024, 1024],
+                                    eval_stride=[768, 768], channels_last=True, num_workers=8, log_every=20),
+    "ade20k_upernet_convnext_tiny": dict(model="smp:upernet", encoder="tu-convnext_tiny", epochs=127, batch_size=16, crop_size=512, base_size=512,
+                                         scale_min=0.5, scale_max=2.0, optimizer="adamw", lr=1e-4, weight_decay=0.05, head_lr_mult=1.0,
+                                         warmup_steps=1500, poly_power=1.0, amp="bf16", eval_every=8, channels_last=True, num_workers=8, log_every=20),
+    "cityscapes_deeplabv3plus_resnet101": dict(model="smp:deeplabv3plus", encoder="resnet101", model_kwargs={"encoder_output_stride": 8}, epochs=215,
+                                               batch_size=8, crop_size=768, base_size=1024, scale_min=0.5, scale_max=2.0, optimizer="sgd", lr=0.01,
+                                               momentum=0.9, weight_decay=5e-4, head_lr_mult=1.0, poly_power=0.9, amp="bf16", eval_every=20,
+                                               eval_mode="slide", eval_crop=[768, 768], eval_stride=[512, 512], channels_last=True, num_workers=8, log_every=20),
+    "camvid_deeplabv3plus_resnet50": dict(model="smp:deeplabv3plus", encoder="resnet50", ignore_index=[11], crop_size=352, base_size=360,
+                                          scale_min=0.75, scale_max=1.5, epochs=200, batch_size=8, optimizer="adamw", lr=3e-4, weight_decay=1e-4,
+                                          schedule="cosine", warmup_steps=100, class_weights="median-frequency", eval_every=10, num_workers=4),
 }
 
 # %% ../nbs/18_config.ipynb #95a3a7b7

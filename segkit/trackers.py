@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, logging, os, queue, threading, time, uuid
 from pathlib import Path
-from .errors import import_extra
+from .errors import import_extra, naming
 from .config import Config
 
 log = logging.getLogger("segkit")
@@ -87,7 +87,7 @@ class MlflowSink:
         self.bg.submit(self._start, cfg)
 
     def _start(self, cfg: Config):
-        from mlflow.entities import Param
+        Param = import_extra("mlflow.entities", "--mlflow true").Param
         self.client = self.mlflow.tracking.MlflowClient(self.uri)
         state_file = self.run_dir/"mlflow.json"
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -110,7 +110,7 @@ class MlflowSink:
 
     def log(self, points): self.bg.submit(self._log, points)
     def _log(self, points):
-        from mlflow.entities import Metric
+        Metric = import_extra("mlflow.entities", "--mlflow true").Metric
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for step, values in points for k, v in values.items() if not hasattr(v, "shape")]
         for k in range(0, len(metrics), 1000): self.client.log_batch(self.run_id, metrics=metrics[k:k + 1000])
@@ -125,15 +125,19 @@ class WandbSink:
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int):
         self.wandb = import_extra("wandb", "--wandb true")
         self.run_dir = Path(run_dir).resolve()
-        self.bg = Background(self.name)
-        self.bg.submit(self._start, cfg)
-
-    def _start(self, cfg: Config):
         state_file = self.run_dir/"wandb.json"
-        run_id = json.loads(state_file.read_text())["id"] if state_file.is_file() else uuid.uuid4().hex[:12]
+        if state_file.is_file(): run_id = json.loads(state_file.read_text())["id"]
+        else:                                       # the id is ours and on disk before W&B starts: a run stopped while it starts keeps it
+            run_id, tmp = uuid.uuid4().hex[:12], state_file.with_name(".wandb.json.tmp")
+            with naming(state_file):
+                tmp.write_text(json.dumps({"id": run_id}))
+                os.replace(tmp, state_file)
+        self.bg = Background(self.name)
+        self.bg.submit(self._start, cfg, run_id)
+
+    def _start(self, cfg: Config, run_id: str):
         self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "segkit"), id=run_id, resume="allow", dir=str(self.run_dir),
                                    name=self.run_dir.name, config=cfg.to_dict(), settings=self.wandb.Settings(x_disable_stats=True))
-        if not state_file.is_file(): state_file.write_text(json.dumps({"id": run_id}))
 
     def log(self, points): self.bg.submit(self._log, points)
     def _log(self, points):

@@ -76,12 +76,12 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
                                      f"{summary['seconds']:.0f} s; run folder {run_dir}")
             return summary
     finally:
-        stopper.__exit__()
         for h in list(log.handlers):
             if isinstance(h, logging.FileHandler):
                 log.removeHandler(h)
                 h.close()
         cleanup_distributed()
+        stopper.__exit__()                                        # last, so that a second signal is caught until the command ignores it
 
 def _train_cli(argv=None):
     cfg, print_only = parse_config(argv)
