@@ -4,7 +4,7 @@
 
 # %% ../nbs/24a_trackers.ipynb #ecc719a4
 from __future__ import annotations
-import json, logging, os, queue, threading, time, uuid
+import importlib.util, json, logging, os, queue, threading, time, uuid
 from pathlib import Path
 from .errors import import_extra, naming
 from .config import Config
@@ -12,10 +12,16 @@ from .config import Config
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'Background', 'TensorBoardSink', 'MlflowSink', 'WandbSink', 'Trackers']
+__all__ = ['log', 'import_ipython_here', 'Background', 'TensorBoardSink', 'MlflowSink', 'WandbSink', 'Trackers']
 
 # %% ../nbs/24a_trackers.ipynb #f2170ed5
 def _first_line(e: BaseException) -> str: return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+def import_ipython_here():
+    """Import IPython, when it is installed, on the calling (main) thread. MLflow and W&B import it lazily; done on a tracker's
+    thread while the main thread draws a matplotlib figure (which looks IPython up in `sys.modules`), a half-imported IPython
+    fails the figure."""
+    if importlib.util.find_spec("IPython") is not None: importlib.import_module("IPython")
 
 class Background:
     "Calls made in a thread of their own through a bounded queue: a failure is one warning and ends the calls, a full queue drops calls."
@@ -81,6 +87,7 @@ class MlflowSink:
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int):
         for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")): os.environ.setdefault(k, v)   # seconds, not minutes
         self.mlflow = import_extra("mlflow", "--mlflow true")
+        import_ipython_here()
         self.run_dir = Path(run_dir).resolve()
         self.uri = cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir/'mlflow.db'}"
         self.bg = Background(self.name)
@@ -124,6 +131,7 @@ class WandbSink:
     name = "W&B"
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int):
         self.wandb = import_extra("wandb", "--wandb true")
+        import_ipython_here()
         self.run_dir = Path(run_dir).resolve()
         state_file = self.run_dir/"wandb.json"
         if state_file.is_file(): run_id = json.loads(state_file.read_text())["id"]
