@@ -1,7 +1,7 @@
-"""Helpers that segkit's notebook tests share: where the shared test data is, scratch folders, free ports, and
-starting training processes. They are not part of the package (nothing in `segkit/` imports them, and `nbdev_export`
+"""Helpers that segkit's notebook tests share: where the shared test data is, scratch folders, free ports,
+starting training processes, and running a command in the test's own process. They are not part of the package (nothing in `segkit/` imports them, and `nbdev_export`
 does not write them): they live beside the notebooks, which import them as `testkit`."""
-import os, shutil, signal, socket, subprocess, tempfile, time
+import contextlib, io, logging, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
 SHARED = Path(os.environ.get("SEGKIT_SHARED_DATA", Path(__file__).resolve().parents[2]/"shared"/"data"))
@@ -43,6 +43,24 @@ def run_torchrun(cmd: list, env: dict | None = None, timeout: float = 600, retri
         r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env or TEST_ENV)
         if r.returncode == 0 or not any(s in r.stderr for s in GLOO_STARTUP_FAILURES) or attempt == retries: return r
         print(f"torchrun start-up failed (gloo could not connect), retrying once:\n{r.stderr[-800:]}")
+
+
+def run_command(main, argv) -> subprocess.CompletedProcess:
+    """Run a segkit command's `main(argv)` in this process, as `python -m segkit.<command> ARGV` runs it, and return its exit
+    code, stdout and stderr as `subprocess.run` would. A process of its own adds 4-5 s of imports (torch, torchvision) and
+    nothing that a wrong flag, file or data set could reach, so the batteries of bad input use this; every command is
+    still run as a process of its own elsewhere. An exception that escapes the command's error handling fails the test
+    with its traceback, where a process would have printed it."""
+    segkit_log = logging.getLogger("segkit")
+    handlers, out, err = list(segkit_log.handlers), io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: main([str(a) for a in argv]); code = 0
+            except SystemExit as e: code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:                                                      # the command's log handlers write to `err`: remove them
+        for h in list(segkit_log.handlers):
+            if h not in handlers: segkit_log.removeHandler(h); h.close()
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def launch(cmd, log_file, env=None, cwd=None):
