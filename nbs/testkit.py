@@ -1,7 +1,8 @@
-"""Helpers that segkit's notebook tests share: where the shared test data is, scratch folders, free ports,
-starting training processes, and running a command in the test's own process. They are not part of the package (nothing in `segkit/` imports them, and `nbdev_export`
-does not write them): they live beside the notebooks, which import them as `testkit`."""
-import contextlib, io, logging, os, shutil, signal, socket, subprocess, sys, tempfile, time
+"""Helpers that segkit's notebook tests share: where the shared test data is, scratch folders, free ports, starting
+training processes, and running a command in the test's own process. They are not part of the package (nothing in
+`segkit/` imports them, and `nbdev_export` does not write them): they live beside the notebooks, which import them as
+`testkit`."""
+import contextlib, io, logging, os, shutil, signal, socket, subprocess, tempfile, time
 from pathlib import Path
 
 SHARED = Path(os.environ.get("SEGKIT_SHARED_DATA", Path(__file__).resolve().parents[2]/"shared"/"data"))
