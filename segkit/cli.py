@@ -57,6 +57,7 @@ FLAGS = {
     "plot": Flag("run", "draw the class frequencies per split into this PNG file", dict(metavar="FILE")),
     "best": Flag("model", "the best N checkpoints of a run folder", dict(nargs=2, metavar=("N", "RUN_DIR"))),
     "recompute_bn": Flag("model", "measure BatchNorm statistics again on STEPS training batches", dict(type=int, default=0, metavar="STEPS")),
+    "merge_lora": Flag("model", "fold the LoRA adapters into the layers they adapt: a plain weights file of the model without LoRA", dict(action="store_true")),
     "models": Flag("model", "the models to measure", dict(nargs="+", metavar="MODEL")),
     "encoders": Flag("model", "the encoders matching a pattern", dict(metavar="PATTERN")),
     "image_size": Flag("data", "square image size of the measurement", dict(type=int, metavar="N")),

@@ -11,13 +11,14 @@ import yaml
 from .errors import ConfigError, naming
 from .labels import MASK_MODES, CLASS_WEIGHT_METHODS
 from .models import MODEL_NAMES, is_smp, smp_architecture
+from .models.foundation import is_hf, hf_architecture
 from .errors import ModelError
 from .metrics import LOSSES
 
 # %% auto #0
-__all__ = ['GROUPS', 'FIELDS', 'CHOICES', 'VOC_RECIPE', 'DEMO_DATA_KEYS', 'PRESETS', 'setting', 'Config', 'suggest', 'check_keys',
-           'coerce', 'validate', 'check_preset', 'preset_layer', 'load_config_file', 'make_config', 'is_bool',
-           'is_list', 'format_config', 'save_config']
+__all__ = ['GROUPS', 'FIELDS', 'CHOICES', 'VOC_RECIPE', 'DEMO_DATA_KEYS', 'EOMT_RECIPE', 'PRESETS', 'setting', 'Config',
+           'suggest', 'check_keys', 'coerce', 'validate', 'check_preset', 'preset_layer', 'load_config_file',
+           'make_config', 'is_bool', 'is_list', 'format_config', 'save_config']
 
 # %% ../nbs/18_config.ipynb #8d01cc16
 GROUPS = ("data", "augmentation", "model", "optimisation", "evaluation", "tracking", "run")
@@ -86,12 +87,14 @@ class Config:
     channels_last: bool = setting(False, "channels-last memory format (faster convolutions on recent GPUs)", "model")
     compile: bool = setting(False, "torch.compile the model for training (the first step compiles; evaluation runs eagerly); see 38_benchmarks", "model")
     grad_checkpoint: bool = setting(False, "recompute the backbone blocks' activations in the backward pass: less memory for bigger batches or crops, more time; see 38_benchmarks", "model")
+    lora_rank: int = setting(0, "LoRA adapters of this rank on the backbone's attention layers (ViT, EoMT, Swin; needs segkit[hf]): only they and the head train (0 = off)", "model")
     epochs: int = setting(30, "number of epochs", "optimisation")
     batch_size: int = setting(8, "training batch size per process", "optimisation")
     eval_batch_size: int = setting(1, "evaluation batch size per process; only images of one size share a batch (nothing padded), so scores do not depend on it", "evaluation")
     optimizer: str = setting("adamw", "sgd or adamw", "optimisation", choices=("sgd", "adamw"))
     lr: float = setting(0.003, "learning rate (the backbone's; the head gets lr x head_lr_mult)", "optimisation")
     head_lr_mult: float = setting(1.0, "head learning-rate multiplier", "optimisation")
+    layer_decay: float = setting(1.0, "layer-wise learning-rate decay of a ViT backbone: its last block at lr x D, each block below one more factor D (e.g. 0.65; 1 = off)", "optimisation")
     momentum: float = setting(0.9, "SGD momentum", "optimisation")
     weight_decay: float = setting(1e-4, "weight decay (not on biases and norm weights)", "optimisation")
     schedule: str = setting("poly", "learning-rate schedule after the warm-up, per optimizer step: poly or cosine", "optimisation", choices=("poly", "cosine"))
@@ -187,7 +190,20 @@ def validate(cfg: Config) -> Config:
     if is_smp(cfg.model):
         try: smp_architecture(cfg.model)
         except ModelError as e: raise ConfigError(f"Config key 'model': {e}") from None
-    elif cfg.encoder: raise ConfigError(f"Config key 'encoder' ({cfg.encoder}) is for the smp: models; {cfg.model} has its own backbone.")
+    elif is_hf(cfg.model):
+        try: hf_architecture(cfg.model)
+        except ModelError as e: raise ConfigError(f"Config key 'model': {e}") from None
+        for k, ok in (("loss", cfg.loss == "ce"), ("class_weights", cfg.class_weights is None), ("aux_loss", not cfg.aux_loss)):
+            if not ok: raise ConfigError(f"Config key {k!r} ({getattr(cfg, k)}) is not for {cfg.model}: a mask classifier has its own loss (Hungarian-matched "
+                                         f"classes and masks, see 14a_foundation); leave {k} unset.")
+    elif cfg.model == "linear":
+        if cfg.encoder and not cfg.encoder.startswith("tu-"): raise ConfigError(f"Config key 'encoder' ({cfg.encoder}): --model linear takes a timm ViT, tu-<name> (e.g. tu-vit_small_patch14_dinov2).")
+    elif cfg.encoder: raise ConfigError(f"Config key 'encoder' ({cfg.encoder}) is for the smp:, hf: and linear models; {cfg.model} has its own backbone.")
+    if cfg.lora_rank < 0: raise ConfigError(f"Config key 'lora_rank' must be 0 (off) or more, got {cfg.lora_rank}.")
+    if cfg.lora_rank and cfg.freeze_backbone:
+        raise ConfigError("Config keys 'lora_rank' and 'freeze_backbone' cannot be combined: LoRA trains adapters inside the backbone (its own weights stay "
+                          "frozen anyway); drop --freeze-backbone.")
+    if not 0 < cfg.layer_decay <= 1: raise ConfigError(f"Config key 'layer_decay' must be in (0, 1] (e.g. 0.65; 1 = off), got {cfg.layer_decay}.")
     if ":" not in cfg.model and cfg.model not in MODEL_NAMES:
         raise ConfigError(f"Config key 'model': unknown model {cfg.model!r}.{suggest(cfg.model, MODEL_NAMES)} Known: {', '.join(MODEL_NAMES)}, or 'package.module:Name'.")
     for k in ("epochs", "batch_size", "eval_batch_size", "accumulate", "eval_every", "crop_size", "base_size", "log_every", "debug_samples"):
@@ -250,6 +266,11 @@ def preset_layer(name: str, own_data: bool = False) -> dict:
         for k in DEMO_DATA_KEYS: layer.pop(k, None)
     return layer
 
+EOMT_RECIPE = dict(  # EoMT's semantic ADE20K recipe (Kerssies et al. 2025): 512 crops, AdamW 1e-4, layer decay 0.8, poly, 40k iterations of 16
+    model="hf:eomt", model_kwargs={"image_size": 512}, epochs=32, batch_size=16, crop_size=512, base_size=512, scale_min=0.5, scale_max=2.0,
+    optimizer="adamw", lr=1e-4, head_lr_mult=1.0, layer_decay=0.8, weight_decay=0.05, warmup_steps=500, poly_power=0.9, amp="bf16", eval_every=4,
+    num_workers=8, log_every=20)
+
 PRESETS = {
     "demo": dict(model="unet", epochs=12, batch_size=8, crop_size=80, base_size=96, scale_min=0.75, scale_max=1.25,
                  optimizer="adamw", lr=0.004, weight_decay=1e-4, warmup_steps=20, num_workers=0, eval_every=2),
@@ -280,6 +301,16 @@ PRESETS = {
     "camvid_deeplabv3plus_resnet50": dict(model="smp:deeplabv3plus", encoder="resnet50", ignore_index=[11], crop_size=352, base_size=360,
                                           scale_min=0.75, scale_max=1.5, epochs=200, batch_size=8, optimizer="adamw", lr=3e-4, weight_decay=1e-4,
                                           schedule="cosine", warmup_steps=100, class_weights="median-frequency", eval_every=10, num_workers=4),
+    # foundation models (see 42_recipes and 14a_foundation)
+    **{f"ade20k_eomt_{enc}": dict(EOMT_RECIPE, encoder=enc) for enc in ("vit_small", "vit_base", "vit_large")},
+    "cityscapes_eomt_vit_large": dict(EOMT_RECIPE, encoder="vit_large", model_kwargs={"image_size": 1024}, epochs=215, crop_size=1024, base_size=1024,
+                                      eval_every=20, eval_mode="slide", eval_crop=[1024, 1024], eval_stride=[683, 683]),
+    "ade20k_mask2former_swin_tiny": dict(model="hf:mask2former", encoder="swin_tiny", epochs=127, batch_size=16, crop_size=512, base_size=512,
+                                         scale_min=0.5, scale_max=2.0, optimizer="adamw", lr=1e-5, head_lr_mult=10.0, weight_decay=0.05, poly_power=0.9,
+                                         clip_grad_norm=0.01, amp="bf16", eval_every=8, num_workers=8, log_every=20),
+    "ade20k_upernet_dinov2_small": dict(model="smp:upernet", encoder="tu-vit_small_patch14_dinov2", epochs=127, batch_size=16, crop_size=512, base_size=512,
+                                        scale_min=0.5, scale_max=2.0, optimizer="adamw", lr=1e-4, head_lr_mult=10.0, layer_decay=0.65, weight_decay=0.05,
+                                        warmup_steps=1500, poly_power=1.0, amp="bf16", eval_every=8, num_workers=8, log_every=20),
 }
 
 # %% ../nbs/18_config.ipynb #95a3a7b7

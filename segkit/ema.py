@@ -53,7 +53,7 @@ def recompute_bn(weights: dict, ckpt: dict, steps: int, device="cpu") -> dict:
     known = set(Config.__dataclass_fields__)
     cfg = make_config({k: v for k, v in (ckpt.get("config") or {}).items() if k in known and k not in ("resume", "preset")})
     cfg, train_ds, _, _ = prepare_data(cfg, device_type=torch.device(device).type)
-    model = get_model(cfg.model, len(weights["classes"]), cfg.aux_loss, in_channels=cfg.in_channels, encoder=cfg.encoder, **cfg.model_kwargs)
+    model = get_model(cfg.model, len(weights["classes"]), cfg.aux_loss, in_channels=cfg.in_channels, encoder=cfg.encoder, lora_rank=cfg.lora_rank, **cfg.model_kwargs)
     model.load_state_dict(weights["model"])
     loader = make_train_loader(train_ds, min(cfg.batch_size, len(train_ds)), cfg.seed, num_workers=0)
     def batches():                                          # `steps` normalised batches, going round the data as often as needed

@@ -66,11 +66,13 @@ EXTRAS = {  # import name: (distribution, extra of segkit that installs it)
     "onnx": ("onnx", "export"), "onnxruntime": ("onnxruntime", "export"),
     "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"),
     "scipy": ("scipy", "sbd"),
+    "transformers": ("transformers", "hf"), "peft": ("peft", "hf"),
 }
 
-def import_extra(name: str, purpose: str):
-    "Import optional package `name` (a key of `EXTRAS`) for `purpose`, or raise `MissingExtraError` saying which extra to install."
-    dist, extra = EXTRAS[name.split(".")[0]]
+def import_extra(name: str, purpose: str, extra: str | None = None):
+    "Import optional package `name` (a key of `EXTRAS`) for `purpose`, or raise `MissingExtraError` saying which extra (`EXTRAS`', or `extra`) to install."
+    dist, default_extra = EXTRAS[name.split(".")[0]]
+    extra = extra or default_extra
     try: return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name is not None and e.name.split(".")[0] != name.split(".")[0]:       # the package is there; one of its own needs is not

@@ -12,6 +12,7 @@ from .errors import CheckpointError, ConfigError, import_extra
 from .labels import LabelSpec
 from .data import read_image
 from .checkpoint import MODEL_KEYS
+from .models.foundation import merge_lora
 from .runtime import IMAGENET_MEAN, IMAGENET_STD, to_input
 from .inference import TorchRunner
 from .runners import model_from_checkpoint, checkpoint_labels, open_exported, open_model
@@ -61,6 +62,7 @@ def export_model(checkpoint, fmt: str, output, weights: str = "auto", include_no
         low, high = ONNX_OPSETS
         if not low <= opset <= high: raise ConfigError(f"--opset {opset}: torch's ONNX exporter writes opsets {low} to {high}; 17, the default, suits most runtimes.")
     model, cfg, classes = model_from_checkpoint(checkpoint, "cpu", weights)
+    if merge_lora(model): cfg = {**cfg, "lora_rank": 0}                           # the graph of the plain model, adapters folded in
     labels = checkpoint_labels(cfg, classes)
     meta = _metadata(cfg, classes, labels, include_normalize)
     meta["size_multiple"] = m = getattr(model, "size_multiple", 1)              # smp models pad to it; so will the runner of the file

@@ -27,7 +27,7 @@ def model_from_checkpoint(path, device="cpu", which: str = "auto") -> tuple[torc
         raise CheckpointError(f"{path} is not a segkit checkpoint or weights file (it lacks the model, its name or its classes). "
                               "Pass a file written by segkit.train (checkpoints/last.pt, best-*.pt) or by export_weights.")
     model = get_model(cfg["model"], len(classes), aux_loss=cfg.get("aux_loss", False), in_channels=cfg.get("in_channels") or 3,
-                      encoder=cfg.get("encoder"), **(cfg.get("model_kwargs") or {}))
+                      encoder=cfg.get("encoder"), lora_rank=cfg.get("lora_rank") or 0, **(cfg.get("model_kwargs") or {}))
     state = {k.removeprefix("module."): v for k, v in checkpoint_weights(ckpt, which, path).items()}
     try: model.load_state_dict(state)
     except RuntimeError as e: raise CheckpointError(f"The weights in {path} do not fit {cfg['model']}: {str(e).splitlines()[0]}") from None

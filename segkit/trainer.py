@@ -14,6 +14,7 @@ from .seed import seed_everything, derive_seed, get_rng_state, set_rng_state
 from .data import make_train_loader, make_eval_loader, set_loader_epoch
 from .augment import to_picture
 from .models import get_model, param_groups, freeze_backbone, checkpoint_backbone
+from .models.foundation import MaskClassifier, MaskClassificationLoss
 from .metrics import SegmentationLoss
 from .checkpoint import atomic_save, BestCheckpoints
 from .distributed import DistEnv, wrap_model, unwrap, barrier, all_gather_object, all_reduce_sum
@@ -112,12 +113,8 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)                      # identical initial weights on every rank
         if self.device.type == "cuda" and not cfg.deterministic: torch.backends.cudnn.benchmark = True
-        try: model = get_model(cfg.model, self.num_classes, cfg.aux_loss, cfg.weights, cfg.weights_backbone, cfg.in_channels, cfg.encoder, **cfg.model_kwargs)
-        except WeightsError as e:
-            if not cfg.debug: raise
-            log.warning(f"Debug mode: {e} Going on without pretrained weights.")
-            seed_everything(cfg.seed, cfg.deterministic)
-            model = get_model(cfg.model, self.num_classes, cfg.aux_loss, None, None, cfg.in_channels, cfg.encoder, **cfg.model_kwargs)
+        model = get_model(cfg.model, self.num_classes, cfg.aux_loss, cfg.weights, cfg.weights_backbone, cfg.in_channels, cfg.encoder,
+                          lora_rank=cfg.lora_rank, **cfg.model_kwargs)      # debug mode too: a smoke test refuses what the real run refuses
         if cfg.freeze_backbone: freeze_backbone(model)
         if cfg.grad_checkpoint: log.info(f"Gradient checkpointing: {checkpoint_backbone(model)} backbone blocks recompute their activations in the backward pass")
         if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
@@ -126,8 +123,9 @@ class Trainer:
         self.compile_seconds = None
         self.ema = ModelEMA(unwrap(self.model), cfg.ema_decay) if cfg.ema_decay else None
         self.eval_opts = InferenceOptions.from_config(cfg.to_dict())
-        self.criterion = SegmentationLoss(cfg.aux_weight, cfg.class_weights, kind=cfg.loss, focal_gamma=cfg.focal_gamma).to(self.device)
-        groups = param_groups(unwrap(self.model), cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+        if isinstance(model, MaskClassifier): self.criterion = MaskClassificationLoss(self.num_classes).to(self.device)   # EoMT, Mask2Former
+        else: self.criterion = SegmentationLoss(cfg.aux_weight, cfg.class_weights, kind=cfg.loss, focal_gamma=cfg.focal_gamma).to(self.device)
+        groups = param_groups(unwrap(self.model), cfg.lr, cfg.head_lr_mult, cfg.weight_decay, cfg.layer_decay)
         if cfg.optimizer == "sgd": self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         else: self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.batches_per_epoch = len(self.train_loader)
@@ -347,8 +345,10 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema: self.ema.update(unwrap(self.model))
         self.step += 1
+        progress = getattr(unwrap(self.model), "training_progress", None)
+        if progress is not None: progress(self.step / self.total_steps)    # EoMT's mask annealing (a buffer: checkpointed with the weights)
+        if self.ema: self.ema.update(unwrap(self.model))
         self.batch_in_epoch = batches_done
         log_it = self.step % cfg.log_every == 0
         if log_it or self.step % self.check_every == 0: self.check_loss(epoch, log_it)

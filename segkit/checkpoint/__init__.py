@@ -161,7 +161,7 @@ class BestCheckpoints:
     def load_state_dict(self, sd): self.table = [dict(r) for r in sd["table"]]
 
 # %% ../../nbs/16_checkpoint.ipynb #2c086b64
-MODEL_KEYS = ("model", "encoder", "num_classes", "classes", "aux_loss", "model_kwargs", "in_channels", "mean", "std", "channels_last", "crop_size",
+MODEL_KEYS = ("model", "encoder", "lora_rank", "num_classes", "classes", "aux_loss", "model_kwargs", "in_channels", "mean", "std", "channels_last", "crop_size",
               "eval_size", "eval_mode", "eval_crop", "eval_stride", "eval_flip", "eval_scales", "ema_decay", "eval_ema",
               "mask_mode", "ignore_index", "label_map", "reduce_zero_label", "image_suffix", "mask_suffix", "val_split", "seed")
 

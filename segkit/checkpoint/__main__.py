@@ -6,12 +6,14 @@
 from __future__ import annotations
 from pathlib import Path
 from ..errors import ConfigError
+from ..models import get_model
+from ..models.foundation import merge_lora
 from . import atomic_save, average_checkpoints, best_checkpoints, load_checkpoint, new_file
 from ..ema import recompute_bn
 from ..cli import CommandParser, add_flags, config_values, main as command_main
 
 # %% auto #0
-__all__ = ['build_parser', 'main']
+__all__ = ['build_parser', 'merged_lora_weights', 'main']
 
 # %% ../../nbs/37_checkpoint_command.ipynb #b01f3576
 def build_parser() -> CommandParser:
@@ -20,8 +22,18 @@ def build_parser() -> CommandParser:
     a = sub.add_parser("average", help="average the weights of several checkpoints into one weights file",
                        description="Average the weights of several checkpoints into one weights file.")
     a.add_argument("checkpoints", nargs="*", help="checkpoint files (training checkpoints or weights files)")
-    add_flags(a, ["best", ("output", "the weights file to write (never overwritten)", {"required": True}), "model_weights", "recompute_bn", "device"])
+    add_flags(a, ["best", ("output", "the weights file to write (never overwritten)", {"required": True}), "model_weights", "recompute_bn", "merge_lora", "device"])
     return p
+
+def merged_lora_weights(weights: dict) -> dict:
+    "Weights file `weights` of a LoRA run with its adapters folded into the layers they adapt: the plain model's state dict, `lora_rank` 0."
+    cfg = weights.get("config") or {}
+    if not cfg.get("lora_rank"): raise ConfigError("--merge-lora: these checkpoints have no LoRA adapters (their run had no --lora-rank); drop --merge-lora.")
+    model = get_model(cfg["model"], len(weights["classes"]), cfg.get("aux_loss", False), in_channels=cfg.get("in_channels") or 3,
+                      encoder=cfg.get("encoder"), lora_rank=cfg["lora_rank"], **(cfg.get("model_kwargs") or {}))
+    model.load_state_dict(weights["model"])
+    merge_lora(model)
+    return {**weights, "model": model.state_dict(), "config": {**cfg, "lora_rank": 0}}
 
 def _checkpoint_cli(argv=None):
     args = build_parser().parse(argv)
@@ -36,8 +48,10 @@ def _checkpoint_cli(argv=None):
     if args.recompute_bn:
         device = config_values(args, ("device",), defaults=True)["device"]
         weights = recompute_bn(weights, load_checkpoint(paths[-1]), args.recompute_bn, "cpu" if device == "auto" else device)
+    if args.merge_lora: weights = merged_lora_weights(weights)
     atomic_save(weights, out)
-    print(f"averaged {len(paths)} checkpoint(s) into {out}" + (f" (BatchNorm statistics from {args.recompute_bn} batches)" if args.recompute_bn else ""))
+    print(f"averaged {len(paths)} checkpoint(s) into {out}" + (f" (BatchNorm statistics from {args.recompute_bn} batches)" if args.recompute_bn else "")
+          + (", LoRA adapters merged" if args.merge_lora else ""))
 
 def main(argv=None): command_main(_checkpoint_cli, argv)
 

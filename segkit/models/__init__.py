@@ -12,15 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import segmentation as tvseg, get_weight
 from ..errors import ModelError, WeightsError, import_extra
+from .foundation import (LinearProbe, MaskClassifier, ViTPyramidEncoder, add_lora, hf_model, is_hf, layer_decay_scales,
+                                      load_hf_weights, register_vit_encoder)
 
 log = logging.getLogger("segkit")
 
 # %% auto #0
 __all__ = ['log', 'TORCHVISION_MODELS', 'MODEL_NAMES', 'SMP_ARCHITECTURES', 'SMP_DEFAULT_ENCODERS', 'SMP_SIZE_MULTIPLES', 'UNet',
            'import_object', 'resolve_weights', 'load_state_dict_file', 'load_fitting_state', 'adapt_input_channels',
-           'get_model', 'is_smp', 'smp_architecture', 'smp_default_encoder', 'SmpModel', 'load_encoder_weights',
-           'smp_model', 'load_smp_weights', 'meta_model', 'param_groups', 'freeze_backbone', 'train_mode',
-           'stage_blocks', 'backbone_blocks', 'checkpoint_backbone']
+           'get_model', 'load_model_weights', 'is_smp', 'smp_architecture', 'smp_default_encoder', 'SmpModel',
+           'load_encoder_weights', 'smp_model', 'load_smp_weights', 'meta_model', 'param_groups', 'freeze_backbone',
+           'train_mode', 'stage_blocks', 'backbone_blocks', 'checkpoint_backbone']
 
 # %% ../../nbs/14_models.ipynb #6a9208ca
 def _double_conv(cin, cout):
@@ -55,7 +57,7 @@ TORCHVISION_MODELS = {
     "fcn_resnet101": (tvseg.fcn_resnet101, "ResNet101_Weights.IMAGENET1K_V1", "resnet"),
     "lraspp_mobilenet_v3_large": (tvseg.lraspp_mobilenet_v3_large, "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "mobilenet"),
 }
-MODEL_NAMES = tuple(TORCHVISION_MODELS) + ("unet",)
+MODEL_NAMES = tuple(TORCHVISION_MODELS) + ("unet", "linear")
 _SEG_WEIGHTS = {"deeplabv3_resnet50": "DeepLabV3_ResNet50_Weights", "deeplabv3_resnet101": "DeepLabV3_ResNet101_Weights",
                 "deeplabv3_mobilenet_v3_large": "DeepLabV3_MobileNet_V3_Large_Weights", "fcn_resnet50": "FCN_ResNet50_Weights",
                 "fcn_resnet101": "FCN_ResNet101_Weights", "lraspp_mobilenet_v3_large": "LRASPP_MobileNet_V3_Large_Weights"}
@@ -140,10 +142,17 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     return model
 
 def get_model(name: str, num_classes: int, aux_loss: bool = False, weights=None, weights_backbone=None,
-              in_channels: int = 3, encoder: str | None = None, **kwargs) -> nn.Module:
-    "Build segmentation model `name` for `num_classes` classes and `in_channels` input channels, optionally from local pretrained weights."
+              in_channels: int = 3, encoder: str | None = None, lora_rank: int = 0, **kwargs) -> nn.Module:
+    """Build segmentation model `name` for `num_classes` classes and `in_channels` input channels, optionally from local pretrained weights,
+    with LoRA adapters of `lora_rank` on its backbone (added before `weights` load, so that a checkpoint of a LoRA run loads whole)."""
+    if lora_rank:
+        model = get_model(name, num_classes, aux_loss, None, weights_backbone, in_channels, encoder, **kwargs)
+        add_lora(model, lora_rank)
+        if weights: load_model_weights(model, name, weights, num_classes, in_channels)
+        return model
     if is_smp(name): return smp_model(name, num_classes, encoder, in_channels, weights, weights_backbone, aux_loss, **kwargs)
-    if encoder: raise ModelError(f"--encoder {encoder} is for the smp: models (e.g. --model smp:deeplabv3plus --encoder {encoder}); {name} has its own backbone.")
+    if is_hf(name) or name == "linear": return _foundation_model(name, num_classes, aux_loss, weights, weights_backbone, in_channels, encoder, **kwargs)
+    if encoder: raise ModelError(f"--encoder {encoder} is for the smp:, hf: and linear models (e.g. --model smp:deeplabv3plus --encoder {encoder}); {name} has its own backbone.")
     try:
         if ":" in name: return import_object(name)(num_classes=num_classes, **({"in_channels": in_channels} if in_channels != 3 else {}), **kwargs)
         if name == "unet":
@@ -165,10 +174,36 @@ def get_model(name: str, num_classes: int, aux_loss: bool = False, weights=None,
                              f"Did you mean {difflib.get_close_matches(name, MODEL_NAMES, 1, 0.4) or MODEL_NAMES[:1]}?")
     except TypeError as e:
         raise ModelError(f"Model {name!r} does not take these options ({e}); check --model-kwargs.") from None
-    if weights:
-        path = resolve_weights(weights, _SEG_WEIGHTS.get(name))
-        model.reinitialised = load_fitting_state(model, load_state_dict_file(path), num_classes, what=f"weights {path}")
-        adapt_input_channels(model, in_channels)
+    if weights: load_model_weights(model, name, weights, num_classes, in_channels)
+    return model
+
+def load_model_weights(model: nn.Module, name: str, weights, num_classes: int, in_channels: int = 3):
+    "Load whole-model `weights` (a file, a torchvision weights name, or a folder as smp or transformers save one) into `model` of `name`."
+    if is_smp(name): return load_smp_weights(model, weights, num_classes)
+    p = Path(str(weights)).expanduser()
+    if is_hf(name):
+        model.reinitialised = load_hf_weights(model, p, num_classes, None if p.is_dir() else load_state_dict_file(resolve_weights(p)))
+        return
+    path = resolve_weights(weights, _SEG_WEIGHTS.get(name))
+    model.reinitialised = load_fitting_state(model, load_state_dict_file(path), num_classes, what=f"weights {path}", optional=() if name == "linear" else ("aux_classifier.",))
+    if name != "linear": adapt_input_channels(model, in_channels)
+
+def _foundation_model(name, num_classes, aux_loss, weights, weights_backbone, in_channels, encoder, **kwargs) -> nn.Module:
+    "`hf:<architecture>` or `linear` (see `14a_foundation`), built and loaded."
+    if aux_loss: raise ModelError(f"{name} has no auxiliary segmentation head: set aux_loss=False (--aux-loss false).")
+    if is_hf(name):
+        if weights_backbone:
+            raise WeightsError(f"--weights-backbone is not for {name}: give a transformers folder of the whole model (config.json, model.safetensors) "
+                               "as --weights, or train from scratch.")
+        model = hf_model(name, num_classes, encoder, in_channels, **kwargs)
+    else:
+        if kwargs: raise ModelError(f"--model linear takes no --model-kwargs (got {sorted(kwargs)}).")
+        model = LinearProbe(num_classes, encoder, in_channels)
+        if weights_backbone:
+            path = resolve_weights(weights_backbone)
+            log.info(f"Backbone weights from {path}: {load_encoder_weights(model.backbone, path)}")
+
+    if weights: load_model_weights(model, name, weights, num_classes, in_channels)
     return model
 
 # %% ../../nbs/14_models.ipynb #ff972178
@@ -246,22 +281,30 @@ def smp_model(name: str, num_classes: int, encoder: str | None = None, in_channe
     if weights_backbone:
         path = resolve_weights(weights_backbone)
         if timm_encoder: extra.update(encoder_weights=True, pretrained_cfg_overlay={"file": str(path)})
-    try:
-        net = smp.create_model(arch, encoder_name=encoder, encoder_weights=extra.pop("encoder_weights", None),
-                               in_channels=3 if path and not timm_encoder else in_channels, classes=num_classes, **{**extra, **kwargs})
-    except (KeyError, RuntimeError) as e:
-        if path and timm_encoder:
-            raise WeightsError(f"{path} does not fit the encoder {encoder}: timm cannot load it ({str(e).splitlines()[0][:200]}). "
-                               "Give weights saved from this timm model.") from None
-        if not isinstance(e, KeyError): raise ModelError(f"{name} with encoder {encoder} cannot be built: {str(e).splitlines()[0][:300]}.") from None
-        known = smp.encoders.get_encoder_names()
-        close = difflib.get_close_matches(encoder, known, 3, 0.5)
-        raise ModelError(f"Unknown encoder {encoder!r} for {name}." + (f" Did you mean: {', '.join(close)}?" if close else "") +
-                         " smp's encoders: python -m segkit.models --encoders; any timm model as tu-<name>.") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ModelError(f"{name} with encoder {encoder} cannot be built: {str(e).splitlines()[0][:300]}. Check --encoder and --model-kwargs.") from None
+    def build(encoder_name: str, extra: dict, channels: int):
+        try:
+            return smp.create_model(arch, encoder_name=encoder_name, encoder_weights=extra.pop("encoder_weights", None),
+                                    in_channels=channels, classes=num_classes, **{**extra, **kwargs})
+        except (KeyError, RuntimeError) as e:
+            if path and timm_encoder:
+                raise WeightsError(f"{path} does not fit the encoder {encoder}: timm cannot load it ({str(e).splitlines()[0][:200]}). "
+                                   "Give weights saved from this timm model.") from None
+            if not isinstance(e, KeyError): raise ModelError(f"{name} with encoder {encoder} cannot be built: {str(e).splitlines()[0][:300]}.") from None
+            known = smp.encoders.get_encoder_names()
+            close = difflib.get_close_matches(encoder, known, 3, 0.5)
+            raise ModelError(f"Unknown encoder {encoder!r} for {name}." + (f" Did you mean: {', '.join(close)}?" if close else "") +
+                             " smp's encoders: python -m segkit.models --encoders; any timm model as tu-<name>.") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            if timm_encoder and arch != "dpt" and "downsampling pattern" in str(e): return None     # a plain ViT: smp takes it for DPT only
+            raise ModelError(f"{name} with encoder {encoder} cannot be built: {str(e).splitlines()[0][:300]}. Check --encoder and --model-kwargs.") from None
+    net = build(encoder, extra, 3 if path and not timm_encoder else in_channels)
+    vit = net is None
+    if vit: net = build(register_vit_encoder(smp, encoder[3:]), {}, 3 if path else in_channels)   # segkit's pyramid of the ViT (14a_foundation)
     model = SmpModel(net, arch, encoder)
-    if path and timm_encoder:
+    if path and vit:
+        log.info(f"Encoder weights from {path}: {load_encoder_weights(net.encoder.model, path)} (a ViT as a feature pyramid)")
+        net.encoder.set_in_channels(in_channels, pretrained=True)
+    elif path and timm_encoder:
         got = _matching(net.encoder, load_state_dict_file(path))
         if got < 0.9 * len(net.encoder.state_dict()):
             raise WeightsError(f"{path} does not fit the encoder {encoder}: {got} of its {len(net.encoder.state_dict())} tensors came from the file. "
@@ -300,18 +343,24 @@ def meta_model(model: str, num_classes: int, aux_loss: bool = False, encoder: st
 
 
 # %% ../../nbs/14_models.ipynb #fcd42ebc
-def param_groups(model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0) -> list:
-    "Optimizer groups: backbone at `lr`, head at `lr*head_lr_mult`; no weight decay on biases and norm weights."
-    backbone = {id(p) for p in getattr(model, "backbone", nn.Module()).parameters()}
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0, layer_decay: float = 1.0) -> list:
+    """Optimizer groups: backbone at `lr`, head at `lr*head_lr_mult`; no weight decay on biases and norm weights; with `layer_decay` < 1, each
+    backbone block at its factor of `lr` (`layer_decay_scales`, `14a_foundation`)."""
+    backbone = getattr(model, "backbone", nn.Module())
+    scale = {}
+    if layer_decay != 1.0:
+        by_name = layer_decay_scales(backbone, layer_decay)
+        scale = {id(p): by_name[n] for n, p in backbone.named_parameters()}
+    in_backbone = {id(p) for p in backbone.parameters()}
     groups = {}
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
-        part = "backbone" if id(p) in backbone else "head"
-        decay = p.ndim > 1
-        key = (part, decay)
+        part = "backbone" if id(p) in in_backbone else "head"
+        decay, factor = p.ndim > 1, scale.get(id(p), 1.0)
+        key = (part, decay, factor)
         if key not in groups:
-            groups[key] = {"name": f"{part}" + ("" if decay else "_no_decay"), "params": [],
-                           "lr": lr * (head_lr_mult if part == "head" else 1.0), "weight_decay": weight_decay if decay else 0.0}
+            groups[key] = {"name": f"{part}" + ("" if decay else "_no_decay") + (f"_x{factor:.4g}" if factor != 1.0 else ""), "params": [],
+                           "lr": lr * (head_lr_mult if part == "head" else factor), "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -340,7 +389,7 @@ def stage_blocks(module: nn.Module) -> list:
 
 def backbone_blocks(model: nn.Module) -> list:
     "The blocks of `model.backbone` that `checkpoint_backbone` recomputes: the blocks of plain `nn.Sequential` stages, and other children made of layers (for an smp encoder: its stages' blocks)."
-    if isinstance(model, SmpModel): return stage_blocks(model.backbone)
+    if isinstance(model, (SmpModel, MaskClassifier)): return stage_blocks(model.backbone)
     blocks = []
     for child in model.backbone.children():
         parts = list(child.children())
@@ -360,11 +409,11 @@ def _running_stats_kept(block: nn.Module):
         with torch.no_grad():
             for b, v in zip(stats, before): b.copy_(v)
 
-def _checkpointed_forward(block: nn.Module, *args):
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
     forward = functools.partial(type(block).forward, block)
-    if not (block.training and torch.is_grad_enabled()): return forward(*args)
+    if not (block.training and torch.is_grad_enabled()): return forward(*args, **kwargs)
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False,
-                                             context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(block)))
+                                             context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(block)), **kwargs)
 
 def checkpoint_backbone(model: nn.Module) -> int:
     "Recompute each backbone block's activations in the backward pass instead of keeping them; returns the number of blocks."

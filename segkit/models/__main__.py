@@ -8,6 +8,7 @@ import fnmatch
 import torch
 from ..errors import ModelError, import_extra
 from . import (TORCHVISION_MODELS, SMP_ARCHITECTURES, SmpModel, backbone_blocks, meta_model, smp_default_encoder)
+from .foundation import HF_ARCHITECTURES, HF_ENCODERS
 from ..cli import command_parser, main as command_main
 
 # %% auto #0
@@ -16,7 +17,8 @@ __all__ = ['ONNX_EXPORT', 'describe_model', 'encoder_names', 'format_rows', 'mai
 # %% ../../nbs/36_models_command.ipynb #1fd4ef0a
 ONNX_EXPORT = {  # architecture (with its default or small encoder): dynamic (any size), fixed (one size), no
     **{name: "dynamic" for name in TORCHVISION_MODELS}, "unet": "dynamic",
-    **{f"smp:{a}": "dynamic" for a in SMP_ARCHITECTURES}, "smp:pspnet": "no", "smp:upernet": "no", "smp:dpt": "no"}
+    **{f"smp:{a}": "dynamic" for a in SMP_ARCHITECTURES}, "smp:pspnet": "no", "smp:upernet": "no", "smp:dpt": "no",
+    "linear": "dynamic", "hf:eomt": "dynamic", "hf:mask2former": "fixed"}
 
 def describe_model(name: str, encoder: str | None = None, num_classes: int = 21) -> dict:
     "Parameters, input-size rule, ONNX export and gradient checkpointing of model `name` (built on the meta device)."
@@ -25,7 +27,8 @@ def describe_model(name: str, encoder: str | None = None, num_classes: int = 21)
     try: blocks = len(backbone_blocks(model)) if hasattr(model, "backbone") else 0
     except (ModelError, AttributeError): blocks = 0
     return {"model": name, "encoder": getattr(model, "encoder_name", None), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "input": "any size" if multiple == 1 else f"padded to x{multiple}", "onnx": ONNX_EXPORT.get(name, "untested"),
+            "input": ("resized to {}x{}".format(*model.fixed_size) if getattr(model, "fixed_size", None) else "any size" if multiple == 1 else f"padded to x{multiple}"),
+            "onnx": ONNX_EXPORT.get(name, "untested"),
             "grad_checkpoint": f"yes ({blocks} blocks)" if blocks else "no"}
 
 def encoder_names(pattern: str, limit: int = 40) -> list:
@@ -56,13 +59,15 @@ def _models_cli(argv=None):
         print(format_rows([{**r, "params_m": r["params_m"]} for r in rows], ("encoder", "params_m", "input", "grad_checkpoint")))
         print("params_m: an FPN with this encoder, 21 classes; grad_checkpoint: blocks of the encoder --grad-checkpoint recomputes")
         return
-    names = ["unet", *TORCHVISION_MODELS, *(f"smp:{s}" for s in SMP_ARCHITECTURES)]
+    names = ["unet", *TORCHVISION_MODELS, *(f"smp:{s}" for s in SMP_ARCHITECTURES), "linear", *(f"hf:{s}" for s in HF_ARCHITECTURES)]
     rows = []
     for name in names:
         try: rows.append(describe_model(name, a.encoder if name.startswith("smp:") else None))
         except ModelError as e: rows.append({"model": name, "encoder": a.encoder, "params_m": None, "input": "-", "onnx": "-", "grad_checkpoint": str(e)[:50]})
     print(format_rows(rows, ("model", "encoder", "params_m", "input", "onnx", "grad_checkpoint")))
     print("params_m: millions of parameters at 21 classes; onnx: export with a dynamic image size (dynamic), one size (fixed), or no")
+    print("encoders: smp: any smp encoder or tu-<timm model>, ViTs (tu-vit_small_patch14_dinov2, ...) as a feature pyramid; linear: a timm ViT; "
+          + "; ".join(f"hf:{a}: {', '.join(e)}" for a, e in HF_ENCODERS.items()))
 
 def main(argv=None): command_main(_models_cli, argv)
 
