@@ -280,3 +280,32 @@ class SmallDisk:
         filler = self.dir/"filler"
         filler.unlink(missing_ok=True)
         with open(filler, "wb") as f: f.write(b"\0" * max(0, self.free() - free))
+
+
+# A real browser for the pages segkit writes ---------------------------------------------------------------------------------
+
+def chromium() -> str:
+    "The path of Debian's Chromium, installed with apt-get when missing (needs root)."
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found: return found
+    r = subprocess.run("apt-get install -y -qq chromium", shell=True, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    assert r.returncode == 0 and shutil.which("chromium"), f"apt-get could not install chromium: {r.stderr.strip()[-300:]}"
+    return shutil.which("chromium")
+
+
+def render_page(page: Path, screenshot: Path | None = None, timeout: float = 120) -> str:
+    """Open `page` in headless Chromium, started here in a process group of its own and killed by its id if it hangs; returns
+    the DOM after the page loaded (its scripts run), and with `screenshot`, writes what it drew there as a PNG."""
+    browser, outs = chromium(), []
+    for extra in (["--dump-dom"], *([[f"--screenshot={screenshot}"]] if screenshot else [])):
+        with tempfile.TemporaryDirectory(prefix="segkit-chromium-") as profile:
+            p = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+                                  f"--user-data-dir={profile}", "--window-size=1280,2000", *extra, Path(page).resolve().as_uri()],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+            try: outs.append(p.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                stop_group(p)
+                raise AssertionError(f"Chromium did not finish rendering {page} in {timeout} s") from None
+        assert p.returncode == 0, f"Chromium exited with {p.returncode} on {page}"
+    return outs[0]

@@ -41,6 +41,9 @@ FLAGS = {
     "tta": Flag("evaluation", "test-time augmentation: none or flip", dict(choices=("none", "flip"))),
     "scales": Flag("evaluation", "multi-scale test-time augmentation, e.g. 0.75 1.0 1.25", dict(type=float, nargs="+", metavar="S")),
     "output": Flag("run", "where to write the result", dict(metavar="PATH")),
+    "report": Flag("run", "also write an error report into this folder: report.html (the worst images first, per-class IoU, confusions) and per_image.csv",
+                   dict(metavar="DIR")),
+    "report_images": Flag("run", "how many of the worst images the report shows", dict(type=int, default=8, metavar="N")),
     "input": Flag("data", "image files, folders (searched recursively) or glob patterns", dict(nargs="+", required=True, metavar="PATH")),
     "overlay": Flag("run", "also write <name>_overlay.jpg", dict(action="store_true")),
     "save_probs": Flag("run", "also write <name>_probs.npy: class probabilities [K,H,W], float16", dict(action="store_true")),
@@ -156,11 +159,12 @@ def run_cli(fn, argv=None) -> int:
     except OSError as e:
         if e.errno not in DISK_ERRNOS: raise
         err = SegkitError(disk_error_message(e))
-    if isinstance(err, ConfigError): print(f"segkit: error: {err}", file=sys.stderr)
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())    # one line, whatever a library put into it
+    if isinstance(err, ConfigError): print(f"segkit: error: {message}", file=sys.stderr)
     else:
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"segkit: error{where}: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"segkit: error{where}: {type(err).__name__}: {message}", file=sys.stderr)
     return err.exit_code
 
 def main(fn, argv=None):

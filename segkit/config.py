@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 import yaml
 from .errors import ConfigError, naming
-from .labels import MASK_MODES, CLASS_WEIGHT_METHODS
+from .labels import MASK_MODES, CLASS_WEIGHT_METHODS, SAMPLERS
 from .models import MODEL_NAMES, is_smp, smp_architecture
 from .models.foundation import is_hf, hf_architecture
 from .errors import ModelError
@@ -59,6 +59,9 @@ class Config:
     in_channels: int = setting(3, "image channels the model takes: 1, 3 or 4", "data")
     mean: list | str | None = setting(None, "normalisation mean per channel (0..1 scale), or 'auto' (from the training images); default ImageNet's for 3 channels, auto otherwise", "data")
     std: list | None = setting(None, "normalisation std per channel (0..1 scale); with --mean auto, computed too", "data")
+    sampler: str = setting("uniform", "how training draws images: uniform (each once an epoch), rare-class (by how rare their classes are, as DAFormer) "
+                           "or class-balanced (each class equally often)", "data", choices=SAMPLERS)
+    sampler_temperature: float = setting(0.01, "rare-class sampling temperature T (DAFormer: 0.01); larger tends to class-balanced", "data")
     crop_size: int | None = setting(None, "training crop (square); default: from the data (median shorter side, at most 256 on the CPU, 512 on a GPU)", "augmentation")
     base_size: int | None = setting(None, "random scale is relative to this shorter-side size; default: from the data", "augmentation")
     scale_min: float = setting(0.5, "smallest random scale", "augmentation")
@@ -204,6 +207,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("Config keys 'lora_rank' and 'freeze_backbone' cannot be combined: LoRA trains adapters inside the backbone (its own weights stay "
                           "frozen anyway); drop --freeze-backbone.")
     if not 0 < cfg.layer_decay <= 1: raise ConfigError(f"Config key 'layer_decay' must be in (0, 1] (e.g. 0.65; 1 = off), got {cfg.layer_decay}.")
+    if not cfg.sampler_temperature > 0: raise ConfigError(f"Config key 'sampler_temperature' must be above 0 (DAFormer: 0.01), got {cfg.sampler_temperature}.")
     if ":" not in cfg.model and cfg.model not in MODEL_NAMES:
         raise ConfigError(f"Config key 'model': unknown model {cfg.model!r}.{suggest(cfg.model, MODEL_NAMES)} Known: {', '.join(MODEL_NAMES)}, or 'package.module:Name'.")
     for k in ("epochs", "batch_size", "eval_batch_size", "accumulate", "eval_every", "crop_size", "base_size", "log_every", "debug_samples"):

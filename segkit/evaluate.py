@@ -12,7 +12,8 @@ from .errors import DataError
 from .data import make_eval_loader, make_demo_dataset, default_demo_root
 from .layouts import DataOptions, DATA_KEYS, find_layout, resolve_labels, open_split
 from .augment import overlay, to_picture, add_legend
-from .distributed import init_distributed, cleanup_distributed
+from .distributed import init_distributed, cleanup_distributed, all_gather_object
+from .error_report import per_image_rows, worst_first, write_error_report
 from .runtime import IMAGENET_MEAN, IMAGENET_STD, format_iou_table, plot_confusion, setup_logging
 from .inference import InferenceOptions, TorchRunner, evaluate_model, segment
 from .runners import model_from_checkpoint, open_model
@@ -29,8 +30,8 @@ def _data_overrides(options: dict | None) -> dict:
 
 def evaluate_checkpoint(checkpoint, split: str = "val", data_root=None, data_options: dict | None = None, batch_size: int = 1,
                         num_workers: int = 0, device: str = "auto", amp: str = "none", inference: dict | None = None, output=None,
-                        weights: str = "auto", ensemble_weights=None) -> dict:
-    "Evaluate `checkpoint` (a checkpoint, weights or exported file, or a list of them: their ensemble) on `split` (train, val, test or a split file) of a data set, run as `inference` (InferenceOptions fields) says; returns the metrics, written to `output` (rank 0)."
+                        weights: str = "auto", ensemble_weights=None, report=None, report_images: int = 8) -> dict:
+    "Evaluate `checkpoint` (a checkpoint, weights or exported file, or a list of them: their ensemble) on `split` (train, val, test or a split file) of a data set, run as `inference` (InferenceOptions fields) says; returns the metrics, written to `output` (rank 0), and with `report`, the error report in that folder."
     env = init_distributed(device)
     files = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     try:
@@ -46,8 +47,10 @@ def evaluate_checkpoint(checkpoint, split: str = "val", data_root=None, data_opt
             raise DataError(f"The data in {root} has {labels.num_classes} classes ({', '.join(labels.classes[:5])}...), but {files[0]} "
                             f"was trained on {len(classes)}. Evaluate on the data the model was trained for, or give --classes.")
         ds = open_split(layout, split, labels, data_opts, None, cfg.get("seed") or 0)
-        loader = make_eval_loader(ds, batch_size, env.rank, env.world_size, num_workers, env.device.type == "cuda")
-        cm, _ = evaluate_model(runner, loader, len(classes), env.device, opts=opts)
+        confusions = [] if report else None                    # one image a batch: the shard's order is the data set's, every W-th
+        loader = make_eval_loader(ds, 1 if report else batch_size, env.rank, env.world_size, num_workers, env.device.type == "cuda")
+        cm, _ = evaluate_model(runner, loader, len(classes), env.device, opts=opts, per_image=confusions)
+        shards = all_gather_object(confusions) if report else None
         r = cm.compute()
         mat = cm.mat.cpu().double()
         clean = lambda xs: [(None if math.isnan(v) else v) for v in xs]
@@ -63,9 +66,21 @@ def evaluate_checkpoint(checkpoint, split: str = "val", data_root=None, data_opt
             out = Path(output) if output else files[0].with_name(f"{stem}-eval-{name}")
             result["output"] = str(write_evaluation(result, out))
             result["table"] = format_iou_table(r, classes)
+            if report: result["report"] = str(_write_report(report, result, shards, ds, runner, env.device, opts, report_images))
         return result
     finally:
         cleanup_distributed()
+
+def _write_report(out, result: dict, shards: list, ds, runner, device, opts: InferenceOptions, n_images: int) -> Path:
+    "The error report: the ranks' per-image confusions put back in data set order (rank r scored images r, r+W, ...), the worst images run again for their pictures."
+    world = len(shards)
+    confusions = [shards[i % world][i // world] for i in range(len(ds))]
+    rows = per_image_rows(confusions, ds.images, len(result["iou"]))
+    examples = []
+    for i in [i for i in worst_first(rows) if not math.isnan(rows[i]["miou"])][:n_images]:
+        img, mask = ds[i]
+        examples.append((i, img, mask, segment(runner, img[None].to(device), opts).argmax(1)[0].cpu()))
+    return write_error_report(out, result, rows, examples, ds.labels.display_colours())
 
 def write_evaluation(result: dict, out) -> Path:
     "Write `metrics.json`, `per_class.csv` and `confusion.png` of an evaluation into folder `out`."
@@ -86,7 +101,7 @@ EVAL_DATA_KEYS = tuple(k for k in DATA_KEYS if k != "in_channels")      # the mo
 def build_parser():
     return command_parser("segkit-evaluate", "Evaluate a segkit checkpoint on a split: per-class IoU, mIoU, accuracies.",
                           [*MODEL_FLAGS, "ensemble_weights", "split", ("data_root", "data set (default: the one the checkpoint was trained on)"), "eval_batch_size",
-                           "num_workers", ("output", "folder for metrics.json, per_class.csv, confusion.png (default: beside the checkpoint)"),
+                           "num_workers", ("output", "folder for metrics.json, per_class.csv, confusion.png (default: beside the checkpoint)"), "report", "report_images",
                            *INFERENCE_FLAGS, *EVAL_DATA_KEYS])
 
 def _evaluate_cli(argv=None):
@@ -95,12 +110,13 @@ def _evaluate_cli(argv=None):
     options = config_values(args, EVAL_DATA_KEYS)
     setup_logging(None, init_distributed(run["device"]))
     r = evaluate_checkpoint(args.checkpoint, args.split, args.data_root, options, run["eval_batch_size"], run["num_workers"], run["device"],
-                            run["amp"], inference_overrides(args), args.output, args.model_weights, args.ensemble_weights)
+                            run["amp"], inference_overrides(args), args.output, args.model_weights, args.ensemble_weights, args.report, args.report_images)
     if "table" in r:
         print(f"{r['images']} images ({r['layout']} {r['split']} split of {r['data_root']})")
         print(r["table"])
         print(f"mIoU: {r['miou']:.4f}")
         print(f"written to {r['output']}")
+        if "report" in r: print(f"error report: {r['report']} (and per_image.csv beside it)")
 
 def main(argv=None): command_main(_evaluate_cli, argv)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/34_export.ipynb #617234d3
 from __future__ import annotations
-import json, logging, os, tempfile, warnings
+import contextlib, json, logging, os, sys, tempfile, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from .cli import command_parser, main as command_main
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'FORMATS', 'ExportModule', 'export_model', 'check_export', 'build_parser', 'main']
+__all__ = ['log', 'FORMATS', 'ONNX_POOL_MULTIPLE', 'ExportModule', 'export_model', 'check_export', 'build_parser', 'main']
 
 # %% ../nbs/34_export.ipynb #56dc2b74
 class ExportModule(nn.Module):
@@ -78,15 +78,43 @@ def export_model(checkpoint, fmt: str, output, weights: str = "auto", include_no
             report = check_export(model, cfg, tmp_name, fmt, samples or [(h, w), (h + 37, w + 23)], atol)
         except CheckpointError as e:
             if fmt != "onnx": raise
-            log.warning(f"{e} Exporting for one size, {h}x{w}: images are resized to it and the logits back.")
+            m = ONNX_POOL_MULTIPLE.get(cfg.get("model"))
+            if m and sample_size is None: h, w = -(-h // m) * m, -(-w // m) * m          # rounded up to a size the pooling's bins divide
             meta["fixed_size"] = [h, w]
-            _write_graph(module, meta, fmt, tmp_name, (h, w), opset, dynamic=False)
+            _write_graph(module, meta, fmt, tmp_name, (h, w), opset, dynamic=False)     # refused in one line if this fails too
             report = check_export(model, cfg, tmp_name, fmt, [(h, w)], atol)
+            log.warning(f"{e} Exported for one size, {h}x{w}: images are resized to it and the logits back.")
         os.replace(tmp_name, output)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
     report.update(output=str(output), format=fmt, bytes=output.stat().st_size, size=f"fixed {h}x{w}" if "fixed_size" in meta else "dynamic")
     return report
+
+ONNX_POOL_MULTIPLE = {"smp:upernet": 192, "smp:pspnet": 48}      # sizes whose pooled feature map divides into the bins 1, 2, 3 and 6
+
+@contextlib.contextmanager
+def _quiet_fds():
+    "File descriptors 1 and 2 (where C++ code writes) go to /dev/null meanwhile."
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in (1, 2): os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        for fd, s in zip((1, 2), saved):
+            os.dup2(s, fd)
+            os.close(s)
+
+def _onnx_failure(first_line: str, model: str, size, opset: int, dynamic: bool) -> str:
+    "One line on a failed ONNX export: for pooling to fixed bins, which sizes export and what else to do."
+    if "adaptive_avg_pool2d" not in first_line:
+        return f"ONNX export (opset {opset}{', dynamic size' if dynamic else ''}) failed: {first_line[:300].rstrip('.')}." + ("" if dynamic else " --format torchscript may export it.")
+    if dynamic: return f"{model} pools to fixed bins (adaptive average pooling), which ONNX exports only at one size."
+    m = ONNX_POOL_MULTIPLE.get(model)
+    sizes = f"a multiple of {m} (e.g. {2 * m} or {3 * m})" if m else "a size whose pooled feature maps divide into the bins"
+    return (f"{model} cannot be exported to ONNX at {size[0]}x{size[1]}: it pools to fixed bins (adaptive average pooling), which ONNX exports only "
+            f"where they divide the feature map. Give --sample-size {sizes}, or --format torchscript, which takes any size.")
 
 def _write_graph(module, meta: dict, fmt: str, path: str, size, opset: int, dynamic: bool):
     "Trace `module` at `size` and write it as `fmt` to `path` with `meta` inside; ONNX with a dynamic batch, and height and width if `dynamic`."
@@ -98,10 +126,12 @@ def _write_graph(module, meta: dict, fmt: str, path: str, size, opset: int, dyna
         if fmt == "onnx":
             onnx = import_extra("onnx", "ONNX export")
             axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
-            try: torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset, input_names=["image"],
-                                   output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
+            try:
+                with _quiet_fds():                                  # a failing export prints its whole graph (thousands of lines)
+                    torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset, input_names=["image"],
+                                      output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
             except (RuntimeError, ValueError, TypeError) as e:     # torch's ONNX errors derive from these
-                raise CheckpointError(f"ONNX export (opset {opset}{', dynamic size' if dynamic else ''}) failed: {str(e).splitlines()[0][:300]}.") from None
+                raise CheckpointError(_onnx_failure(str(e).splitlines()[0], meta["model"], size, opset, dynamic)) from None
             graph = onnx.load(path)
             graph.metadata_props.add(key="segkit", value=json.dumps(meta))
             onnx.save(graph, path)

@@ -8,7 +8,7 @@ import dataclasses, logging, math
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, image_confusion
 from .errors import ConfigError
 from .runtime import IMAGENET_MEAN, IMAGENET_STD, autocast, to_input
 
@@ -138,8 +138,8 @@ def segment(runner, images: torch.Tensor, opts: InferenceOptions = InferenceOpti
 # %% ../nbs/21_inference.ipynb #aafdaf59
 @torch.no_grad()
 def evaluate_model(model, loader, num_classes: int, device, amp: str = "none", channels_last: bool = False, keep_examples: int = 0,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, opts: InferenceOptions = InferenceOptions()):
-    "All-reduced confusion matrix of `model` (a module or a runner) on `loader`, and up to `keep_examples` (image, mask, prediction) triples."
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, opts: InferenceOptions = InferenceOptions(), per_image: list | None = None):
+    "All-reduced confusion matrix of `model` (a module or a runner) on `loader`, and up to `keep_examples` (image, mask, prediction) triples; each image's sparse confusion appended to `per_image`, in the loader's order."
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None: module.eval()
@@ -156,6 +156,7 @@ def evaluate_model(model, loader, num_classes: int, device, amp: str = "none", c
                 parts.append((img, mask.to(device, non_blocking=True), segment(runner, img.to(device, non_blocking=True), opts).argmax(1)))
         for imgs, ms, pred in parts:
             cm.update(pred, ms)
+            if per_image is not None: per_image.extend(image_confusion(pred[k], ms[k], num_classes) for k in range(len(pred)))
             for k in range(min(keep_examples - len(examples), len(imgs))): examples.append((imgs[k], ms[k].cpu(), pred[k].cpu()))
     if module is not None: module.train(was_training)
     return cm.all_reduce(), examples

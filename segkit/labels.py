@@ -9,15 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from .errors import DataError, import_extra
+from .errors import DataError, ConfigError, import_extra
 
 log = logging.getLogger("segkit")
 
 # %% auto #0
 __all__ = ['log', 'IGNORE_INDEX', 'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_COLOURS', 'CITYSCAPES_LABEL_IDS',
            'CITYSCAPES_ID_TO_TRAIN_ID', 'ADE20K_CLASSES', 'TRANSIENT_ERRNOS', 'MASK_MODES', 'CLASS_WEIGHT_METHODS',
-           'voc_palette', 'read_classes_file', 'read_palette_file', 'parse_label_map', 'read_bytes', 'read_mask_array',
-           'LabelSpec', 'LabelCounts', 'count_labels', 'class_weights_from_counts']
+           'SAMPLERS', 'voc_palette', 'read_classes_file', 'read_palette_file', 'parse_label_map', 'read_bytes',
+           'read_mask_array', 'LabelSpec', 'LabelCounts', 'mask_histograms', 'count_labels',
+           'class_weights_from_counts', 'class_pixels_per_image', 'class_draw_probs', 'image_draw_probs',
+           'class_draw_shares']
 
 # %% ../nbs/10_labels.ipynb #78457bf5
 IGNORE_INDEX = 255
@@ -299,16 +301,19 @@ class LabelCounts:
     ignored: int = 0
     n_masks: int = 0
 
-def count_labels(masks, spec: LabelSpec, progress: bool = False, desc: str = "counting labels") -> LabelCounts:
-    "Count classes over mask files (paths) or decoded arrays `masks`."
-    k = max(spec.num_classes, 1)
-    pixels, images, image_pixels, ignored, n = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64), 0, 0
+def mask_histograms(masks, spec: LabelSpec, progress: bool = False, desc: str = "counting labels"):
+    "Each mask's 256-bin histogram of decoded values (the classes, and 255 = ignored), from mask files (paths) or decoded arrays `masks`."
     it = masks
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(masks, desc=desc, leave=False)
-    for m in it:
-        c = spec.file_histogram(m)[1] if isinstance(m, (str, Path)) else np.bincount(np.asarray(m).ravel(), minlength=256)
+    for m in it: yield spec.file_histogram(m)[1] if isinstance(m, (str, Path)) else np.bincount(np.asarray(m).ravel(), minlength=256)
+
+def count_labels(masks, spec: LabelSpec, progress: bool = False, desc: str = "counting labels") -> LabelCounts:
+    "Count classes over mask files (paths) or decoded arrays `masks`."
+    k = max(spec.num_classes, 1)
+    pixels, images, image_pixels, ignored, n = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64), 0, 0
+    for c in mask_histograms(masks, spec, progress, desc):
         pixels += c[:k]
         ignored += int(c[IGNORE_INDEX])
         present = c[:k] > 0
@@ -331,3 +336,37 @@ def class_weights_from_counts(counts: LabelCounts, method: str = "median-frequen
         w[present] = counts.pixels[present].sum() / (present.sum() * counts.pixels[present])
     else: raise DataError(f"class_weights: unknown method {method!r}; use one of {CLASS_WEIGHT_METHODS}, a list, or a file.")
     return w.tolist()
+
+# %% ../nbs/10_labels.ipynb #cf94d6db
+SAMPLERS = ("uniform", "rare-class", "class-balanced")
+
+def class_pixels_per_image(masks, spec: LabelSpec, progress: bool = False) -> np.ndarray:
+    "Pixels of each class in each of `masks`: an int64 array `[n_masks, num_classes]`."
+    k = max(spec.num_classes, 1)
+    rows = [c[:k] for c in mask_histograms(masks, spec, progress, "reading classes per image")]
+    return np.stack(rows).astype(np.int64) if rows else np.zeros((0, k), np.int64)
+
+def class_draw_probs(per_image: np.ndarray, sampler: str, temperature: float = 0.01) -> np.ndarray:
+    "P(class) of the first stage: rare-class = softmax((1 - f_c) / T) over the classes present (f_c: c's share of labelled pixels), class-balanced = equal."
+    pixels = np.asarray(per_image, np.float64).sum(0)
+    present, p = pixels > 0, np.zeros(len(pixels))
+    if not present.any(): raise DataError("The training masks hold no labelled pixel: a class sampler has nothing to draw; use --sampler uniform.")
+    if sampler == "class-balanced": p[present] = 1.0
+    elif sampler == "rare-class":
+        if not temperature > 0: raise ConfigError(f"Config key 'sampler_temperature' must be above 0 (DAFormer: 0.01), got {temperature}.")
+        z = (1 - pixels[present] / pixels.sum()) / temperature
+        p[present] = np.exp(z - z.max())
+    else: raise ConfigError(f"Config key 'sampler' must be one of {list(SAMPLERS)}, got {sampler!r}.")
+    return p / p.sum()
+
+def image_draw_probs(per_image: np.ndarray, sampler: str = "uniform", temperature: float = 0.01) -> np.ndarray:
+    "P(image) for `sampler`: uniform, or a class drawn by `class_draw_probs` and then uniformly one of the images that hold it."
+    per_image = np.asarray(per_image)
+    if sampler == "uniform": return np.full(len(per_image), 1 / max(len(per_image), 1))
+    pc, holds = class_draw_probs(per_image, sampler, temperature), per_image > 0
+    n_c = holds.sum(0)
+    return holds @ np.divide(pc, n_c, out=np.zeros_like(pc), where=n_c > 0)
+
+def class_draw_shares(per_image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    "The share of draws that holds each class when images are drawn with `probs`."
+    return (np.asarray(per_image) > 0).T.astype(np.float64) @ np.asarray(probs, np.float64)

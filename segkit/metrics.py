@@ -12,7 +12,7 @@ from torch import nn
 from .labels import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['LOSSES', 'ConfusionMatrix', 'SegmentationLoss']
+__all__ = ['LOSSES', 'ConfusionMatrix', 'image_confusion', 'confusion_iou', 'SegmentationLoss']
 
 # %% ../nbs/15_metrics.ipynb #3a585cb4
 class ConfusionMatrix:
@@ -54,6 +54,24 @@ class ConfusionMatrix:
         return {"pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
                 "mean_acc": float(recall.nanmean()), "miou": float(iou.nanmean()), "mean_dice": float(dice.nanmean()),
                 "iou": iou.tolist(), "dice": dice.tolist()}
+
+# %% ../nbs/15_metrics.ipynb #642f2cce
+def image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> dict:
+    "One image's confusion, `{(true, predicted): pixels}`, from labels `pred` and `target` of the same shape; ignored pixels left out."
+    keep = target != ignore_index
+    codes = target[keep].long().cpu() * num_classes + pred.to(target.device)[keep].long().cpu()
+    values, counts = torch.unique(codes, return_counts=True)
+    return {(v // num_classes, v % num_classes): c for v, c in zip(values.tolist(), counts.tolist())}
+
+def confusion_iou(conf: dict, num_classes: int) -> tuple[list, float]:
+    "Per-class IoU of a sparse confusion (None where the class is neither true nor predicted) and their mean (NaN if there is none)."
+    tp, gt, pr = [0] * num_classes, [0] * num_classes, [0] * num_classes
+    for (t, p), n in conf.items():
+        gt[t] += n; pr[p] += n
+        if t == p: tp[t] += n
+    iou = [tp[c] / (gt[c] + pr[c] - tp[c]) if gt[c] + pr[c] else None for c in range(num_classes)]
+    scored = [v for v in iou if v is not None]
+    return iou, (sum(scored) / len(scored) if scored else math.nan)
 
 # %% ../nbs/15_metrics.ipynb #1c55596c
 LOSSES = ("ce", "dice", "focal", "ce+dice", "ce+focal")

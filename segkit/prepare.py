@@ -6,8 +6,9 @@
 from __future__ import annotations
 import copy, dataclasses
 from pathlib import Path
+import numpy as np
 from .errors import ConfigError
-from .labels import count_labels, class_weights_from_counts, CLASS_WEIGHT_METHODS
+from .labels import count_labels, class_weights_from_counts, CLASS_WEIGHT_METHODS, class_pixels_per_image, image_draw_probs, class_draw_shares
 from .data import make_demo_dataset, default_demo_root
 from .layouts import DataOptions, open_datasets, data_sizes, crop_for
 from .augment import train_transforms
@@ -24,8 +25,22 @@ def _weights_file(path: Path) -> list:
     try: return [float(x) for x in path.read_text().replace(",", " ").split()]
     except ValueError: raise ConfigError(f"Class weights file {path} must hold one number per class (one a line).") from None
 
+def _set_draw_probs(train_ds, sampler: str, temperature: float) -> str:
+    "Give `train_ds` the `draw_probs` of `sampler` (which the training loader draws by); returns the note on what it draws."
+    if not (hasattr(train_ds, "masks") and hasattr(train_ds, "labels")):
+        raise ConfigError(f"--sampler {sampler} reads the classes of each training mask, and the data set {type(train_ds).__name__} has no mask files "
+                          "(masks, labels); use --sampler uniform.")
+    per_image = class_pixels_per_image(train_ds.masks, train_ds.labels)
+    train_ds.draw_probs = image_draw_probs(per_image, sampler, temperature)
+    drawn, uniform = class_draw_shares(per_image, train_ds.draw_probs), class_draw_shares(per_image, image_draw_probs(per_image))
+    pixels = per_image.sum(0)
+    rarest = [c for c in np.argsort(pixels, kind="stable") if pixels[c] > 0][:3]
+    return (f"Sampler {sampler}" + (f" (temperature {temperature})" if sampler == "rare-class" else "") + ": the rarest classes are in "
+            + ", ".join(f"{train_ds.classes[c]} {100 * drawn[c]:.1f}%" for c in rarest) + " of the draws (uniform: "
+            + ", ".join(f"{100 * uniform[c]:.1f}%" for c in rarest) + ")")
+
 def prepare_data(cfg: Config, limit: int | None = None, device_type: str | None = None):
-    "Open the run's data sets and fill in what `cfg` leaves to the data; returns (cfg, train set, val set, notes)."
+    "Open the run's data sets and fill in what `cfg` leaves to the data; returns (cfg, train set, val set, notes). With a class sampler, the train set gets `draw_probs`."
     device_type = device_type or resolve_device(cfg.device).type
     root = cfg.data_root
     if root is None and cfg.dataset is None: root = make_demo_dataset(default_demo_root())
@@ -52,6 +67,7 @@ def prepare_data(cfg: Config, limit: int | None = None, device_type: str | None 
         else: cw = _weights_file(Path(cw))
         updates["class_weights"] = cw
         notes.append(f"Class weights ({cfg.class_weights}): " + ", ".join(f"{c} {w:.3f}" for c, w in zip(train_ds.classes, cw)))
+    if cfg.sampler != "uniform": notes.append(_set_draw_probs(train_ds, cfg.sampler, cfg.sampler_temperature))
     if cw is not None and len(cw) != k:
         raise ConfigError(f"Config key 'class_weights' has {len(cw)} values but the data has {k} classes ({', '.join(map(str, train_ds.classes[:8]))}"
                           f"{', ...' if k > 8 else ''}); give one weight per class.")

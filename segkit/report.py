@@ -8,7 +8,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np
 from .errors import DataError
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, SAMPLERS, image_draw_probs, class_draw_shares
 from .data import make_demo_dataset, default_demo_root, image_size
 from .layouts import DataOptions, DATA_KEYS, find_layout, resolve_labels
 from .cli import command_parser, config_values, main as command_main
@@ -36,7 +36,7 @@ class _Problems:
             if len(msgs) > self.keep: out.append(f"... and {len(msgs) - self.keep} more {kind}")
         return out
 
-def dataset_report(root, opts: DataOptions | None = None, progress: bool = False) -> dict:
+def dataset_report(root, opts: DataOptions | None = None, progress: bool = False, sampler_temperature: float = 0.01) -> dict:
     "Layout, classes, per-split counts and sizes, and problems of the data under `root`."
     opts = opts or DataOptions()
     t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def dataset_report(root, opts: DataOptions | None = None, progress: bool = False
     report.update(classes=names, class_source=labels.source, mask_mode=labels.mask_mode, ignore_index=list(labels.ignore_index),
                   reduce_zero_label=labels.reduce_zero_label, label_map=labels.label_map is not None)
     k = len(names)
-    n_images = 0
+    n_images, train_rows = 0, []
     for split, pairs in layout.splits.items():
         pixels, ignored, sizes = np.zeros(k, np.int64), 0, []
         it = pairs
@@ -79,11 +79,16 @@ def dataset_report(root, opts: DataOptions | None = None, progress: bool = False
             pixels += c[:k]
             ignored += int(c[IGNORE_INDEX])
             sizes.append(hw)
+            if split == "train": train_rows.append(c[:k])
         n_images += len(pairs)
         report["splits"][split] = {"images": len(pairs), "pixels": dict(zip(names, pixels.tolist())), "ignored": ignored,
                                    "sizes": _summary_sizes(sizes)}
     if "val" not in layout.splits and "train" in layout.splits:
         report["notes"].append(f"No validation split: training holds out {opts.val_split} of train (seeded; --val-split).")
+    if train_rows and np.any(train_rows):                 # what each --sampler would draw: the share of training draws that hold each class
+        per_image = np.stack(train_rows)
+        report["sampling"] = {"temperature": sampler_temperature, **{s: dict(zip(names, class_draw_shares(
+            per_image, image_draw_probs(per_image, s, sampler_temperature)).round(4).tolist())) for s in SAMPLERS}}
     report.update(problems=probs.lines(), fatal=probs.fatal, seconds=round(time.perf_counter() - t0, 3),
                   images_per_second=round(n_images / max(time.perf_counter() - t0, 1e-9), 1))
     return report
@@ -106,6 +111,11 @@ def format_report(rep: dict) -> str:
         totals = {s: max(sum(r["pixels"].values()), 1) for s, r in splits.items()}
         for c in rep["classes"]:
             out.append(f"{c:<{w}}" + "".join(f"{100 * r['pixels'][c] / totals[s]:>10.2f}" for s, r in splits.items()))
+    if rep.get("sampling"):
+        draw = rep["sampling"]
+        out.append(f"\nshare of training draws holding each class, by --sampler (rare-class at temperature {draw['temperature']}):")
+        out.append(f"{'class':<{w}}" + "".join(f"{s + ' %':>18}" for s in SAMPLERS))
+        for c in rep["classes"]: out.append(f"{c:<{w}}" + "".join(f"{100 * draw[s][c]:>18.1f}" for s in SAMPLERS))
     out.append("\nproblems: " + ("none" if not rep["problems"] else f"{len(rep['problems'])}"))
     out += [f"  - {p}" for p in rep["problems"]]
     if rep.get("images_per_second"): out.append(f"read in {rep['seconds']:.1f} s ({rep['images_per_second']:.0f} images/s)")
@@ -134,14 +144,15 @@ def plot_report(rep: dict, path) -> Path:
 
 def build_parser():
     return command_parser("segkit-data", "Report on a segmentation data set: layout, splits, sizes, classes, problems.",
-                          ["data_root", "json", "plot", ("progress", "progress bar on stderr (default true)"), *DATA_KEYS])
+                          ["data_root", "json", "plot", ("progress", "progress bar on stderr (default true)"), *DATA_KEYS, "sampler_temperature"])
 
 def _report_cli(argv=None):
     args = build_parser().parse(argv)
     options = config_values(args, DATA_KEYS)
     show_progress = config_values(args, ("progress",), defaults=True)["progress"] and not args.json
     root = args.data_root or make_demo_dataset(default_demo_root())
-    rep = dataset_report(root, DataOptions(**options), progress=show_progress)
+    temperature = config_values(args, ("sampler_temperature",), defaults=True)["sampler_temperature"]
+    rep = dataset_report(root, DataOptions(**options), progress=show_progress, sampler_temperature=temperature)
     if args.plot: rep["plot"] = str(plot_report(rep, args.plot))
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))
     if rep["fatal"]: raise SystemExit(1)

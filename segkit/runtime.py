@@ -15,8 +15,8 @@ from .distributed import DistEnv
 log = logging.getLogger("segkit")
 
 # %% auto #0
-__all__ = ['log', 'IMAGENET_MEAN', 'IMAGENET_STD', 'to_input', 'image_mean_std', 'autocast', 'colorize', 'plot_confusion',
-           'format_iou_table', 'RunLogHandler', 'setup_logging']
+__all__ = ['log', 'IMAGENET_MEAN', 'IMAGENET_STD', 'to_input', 'image_mean_std', 'cpu_has_bf16', 'autocast', 'colorize',
+           'plot_confusion', 'format_iou_table', 'RunLogHandler', 'setup_logging']
 
 # %% ../nbs/20_runtime.ipynb #f28ea924
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -47,10 +47,22 @@ def image_mean_std(dataset, max_images: int = 200) -> tuple[list, list]:
     return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
 
 # %% ../nbs/20_runtime.ipynb #72a2a446
+def cpu_has_bf16() -> bool:
+    "Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without, autocast emulates it many times slower than float32."
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+_warned_bf16 = []
+
 def autocast(device: torch.device, amp: str):
-    "Autocast context for `amp` in ('none', 'bf16', 'fp16') on `device`."
+    "Autocast context for `amp` in ('none', 'bf16', 'fp16') on `device`; bf16 on a CPU without native bf16 runs in float32, with one warning."
     if amp == "none": return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda": raise ConfigError("amp='fp16' needs CUDA; use --amp bf16 or --amp none on the CPU.")
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        if not _warned_bf16:
+            _warned_bf16.append(True)
+            log.warning("--amp bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where autocast runs "
+                        "tens of times slower than float32; running in float32 (--amp none does so without this warning).")
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 # %% ../nbs/20_runtime.ipynb #9b0aaf8e

@@ -52,7 +52,8 @@ def train(cfg: Config | dict | None = None, **overrides) -> dict:
             check_shared_run_dir(run_dir, env)
             setup_logging(run_dir, env)
             if cfg.debug: log.info(f"DEBUG MODE: {cfg.debug_samples} samples per split, batch {cfg.batch_size} x {cfg.accumulate} "
-                                   "accumulation, 2 short epochs, evaluation and checkpoint every epoch")
+                                   "accumulation, 2 short epochs, evaluation and checkpoint every epoch; only these samples are "
+                                   "read (python -m segkit.data checks every file)")
             if resume_from and ckpt is None: ckpt = load_checkpoint(resume_from)       # rank 0 has it from the plan
             if cfg.resume == "auto" and ckpt is None: log.info(f"--resume auto: no checkpoint in {run_dir/'checkpoints'} yet; starting from scratch")
             if ckpt is not None and ckpt.get("epoch", 0) >= cfg.epochs:

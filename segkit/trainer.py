@@ -159,7 +159,8 @@ class Trainer:
             raise DataError(f"The training set ({train_ds.name}) has {len(train_ds)} samples: fewer than one batch of "
                             f"{cfg.batch_size} per process for {env.world_size} process(es). {fix}.")
         pin = self.device.type == "cuda"
-        self.train_loader = make_train_loader(train_ds, cfg.batch_size, cfg.seed, env.rank, env.world_size, cfg.num_workers, pin)
+        self.train_loader = make_train_loader(train_ds, cfg.batch_size, cfg.seed, env.rank, env.world_size, cfg.num_workers, pin,
+                                              draw_probs=getattr(train_ds, "draw_probs", None))
         self.val_loader = make_eval_loader(val_ds, cfg.eval_batch_size, env.rank, env.world_size, cfg.num_workers, pin)
 
     def _reset_loss(self):
@@ -295,7 +296,7 @@ class Trainer:
                                       "continue with --resume auto.") from None
                 log.warning(f"A data-loader worker died ({_first_line(e)}); starting new workers at batch {self.micro_done} of epoch {epoch + 1}")
                 self.train_loader = make_train_loader(self.train_ds, cfg.batch_size, cfg.seed, env.rank, env.world_size, cfg.num_workers,
-                                                      self.device.type == "cuda")
+                                                      self.device.type == "cuda", draw_probs=getattr(self.train_ds, "draw_probs", None))
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -18,8 +18,8 @@ from ..labels import IGNORE_INDEX, VOC_CLASSES, voc_palette, LabelSpec, MASK_MOD
 # %% auto #0
 __all__ = ['DEMO_CLASSES', 'read_image', 'read_mask', 'SegmentationDataset', 'find_voc_root', 'VOCSegmentation', 'find_sbd_root',
            'SBDSegmentation', 'VOCSBDTrain', 'split_indices', 'default_demo_root', 'make_demo_dataset',
-           'ResumableDistributedSampler', 'ExactShardSampler', 'pad_collate', 'make_train_loader', 'image_size',
-           'SameSizeBatchSampler', 'make_eval_loader', 'set_loader_epoch']
+           'ResumableDistributedSampler', 'WeightedResumableSampler', 'ExactShardSampler', 'pad_collate',
+           'make_train_loader', 'image_size', 'SameSizeBatchSampler', 'make_eval_loader', 'set_loader_epoch']
 
 # %% ../../nbs/11_data.ipynb #ed927fd8
 _TV_FORMATS = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
@@ -84,15 +84,16 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, i):
         epoch = self.epoch
-        if isinstance(i, tuple):                                         # (epoch, index) from the training sampler, for persistent workers
-            epoch, i = i
+        draw = ()
+        if isinstance(i, tuple):                                         # (epoch, index[, draw]) from the training sampler, for persistent workers
+            epoch, i, *draw = i                                          # draw: the position in a weighted epoch, where an image may come twice
             seeder = getattr(self, "worker_seeder", None)
             if seeder is not None: seeder.at_epoch(epoch)
         img, mask = self.load(i)
         if self.transforms is None: return img, mask
         if self.seed is None: return self.transforms(img, mask)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, epoch, i))
+            torch.manual_seed(derive_seed(self.seed, epoch, i, *draw))
             return self.transforms(img, mask)
 
     def subset(self, indices, name=None):
@@ -260,6 +261,20 @@ class ResumableDistributedSampler(DistributedSampler):
         return ((self.epoch, i) for i in indices) if self.keyed else indices
     def __len__(self): return max(self.num_samples - self.skip, 0)
 
+class WeightedResumableSampler(ResumableDistributedSampler):
+    "Each epoch draws `len(dataset)` indices with replacement, index `i` with probability `probs[i]`, from the (seed, epoch) stream; sharded, padded and resumed as `ResumableDistributedSampler`. With `keyed`, it yields `(epoch, index, draw)`."
+    def __init__(self, dataset, probs, num_replicas=1, rank=0, seed=0, keyed=False):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, keyed=keyed)
+        self.probs = torch.as_tensor(np.asarray(probs, np.float64))
+    def epoch_draws(self) -> list:
+        "The epoch's global draw order, the same on any number of processes, padded to `total_size` by repeating its start."
+        draws = torch.multinomial(self.probs, len(self.probs), replacement=True, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return (draws * -(-self.total_size // len(draws)))[:self.total_size]
+    def __iter__(self):
+        positions = itertools.islice(range(self.rank, self.total_size, self.num_replicas), self.skip, None)
+        draws = self.epoch_draws()
+        return ((self.epoch, draws[k], k) if self.keyed else draws[k] for k in positions)
+
 class ExactShardSampler(Sampler):
     "Rank `rank` of `num_replicas` gets samples `rank, rank+W, ...`: every sample on exactly one rank, no padding."
     def __init__(self, dataset, num_replicas=1, rank=0): self.n, self.num_replicas, self.rank = len(dataset), num_replicas, rank
@@ -277,10 +292,11 @@ def pad_collate(batch, sizes: bool = False):
         masks[k, :mask.shape[-2], :mask.shape[-1]] = mask
     return (imgs, masks, [tuple(b[0].shape[-2:]) for b in batch]) if sizes else (imgs, masks)
 
-def make_train_loader(ds, batch_size, seed=0, rank=0, world_size=1, num_workers=0, pin_memory=False, drop_last=True):
-    "Shuffled, sharded, resumable training loader; workers persistent, seeded per (seed, rank, epoch, worker)."
+def make_train_loader(ds, batch_size, seed=0, rank=0, world_size=1, num_workers=0, pin_memory=False, drop_last=True, draw_probs=None):
+    "Shuffled (or drawn with `draw_probs`), sharded, resumable training loader; workers persistent, seeded per (seed, rank, epoch, worker)."
     keyed = isinstance(ds, SegmentationDataset)                          # its items take (epoch, index), so workers may live on
-    sampler = ResumableDistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, keyed=keyed)
+    sampler = (ResumableDistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, keyed=keyed) if draw_probs is None
+               else WeightedResumableSampler(ds, draw_probs, world_size, rank, seed=seed, keyed=keyed))
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       drop_last=drop_last, collate_fn=pad_collate, worker_init_fn=WorkerSeeder(seed, rank),
                       persistent_workers=keyed and num_workers > 0, generator=torch.Generator().manual_seed(derive_seed(seed, rank)))

@@ -17,7 +17,7 @@ __all__ = ['ONNX_EXPORT', 'describe_model', 'encoder_names', 'format_rows', 'mai
 # %% ../../nbs/36_models_command.ipynb #1fd4ef0a
 ONNX_EXPORT = {  # architecture (with its default or small encoder): dynamic (any size), fixed (one size), no
     **{name: "dynamic" for name in TORCHVISION_MODELS}, "unet": "dynamic",
-    **{f"smp:{a}": "dynamic" for a in SMP_ARCHITECTURES}, "smp:pspnet": "no", "smp:upernet": "no", "smp:dpt": "no",
+    **{f"smp:{a}": "dynamic" for a in SMP_ARCHITECTURES}, "smp:pspnet": "fixed", "smp:upernet": "fixed", "smp:dpt": "no",
     "linear": "dynamic", "hf:eomt": "dynamic", "hf:mask2former": "fixed"}
 
 def describe_model(name: str, encoder: str | None = None, num_classes: int = 21) -> dict:
