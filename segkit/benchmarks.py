@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .distributed import DistEnv, resolve_device
 from .metrics import SegmentationLoss, ConfusionMatrix
 from .models import get_model, meta_model
+from .models.foundation import is_hf
 from .config import make_config, preset_layer, PRESETS
 from .runtime import IMAGENET_MEAN, IMAGENET_STD, to_input, autocast
 from .inference import InferenceOptions, TorchRunner, segment, slide_windows
@@ -27,8 +28,8 @@ from .cli import command_parser, config_values, main as command_main
 # %% auto #0
 __all__ = ['INFERENCE_MODES', 'PEAK_TFLOPS', 'BENCHMARKS', 'InMemoryLoader', 'make_trainer', 'epoch_from_start', 'bare_steps',
            'time_runs', 'peak_memory_mib', 'loop_overhead', 'model_label', 'model_spec', 'measure_mode',
-           'slide_windows_for', 'inference_cost', 'format_inference_table', 'peak_tflops_for', 'step_flops',
-           'training_flops', 'inference_flops', 'step_settings', 'reference_steps', 'step_throughput',
+           'slide_windows_for', 'inference_cost', 'format_inference_table', 'peak_tflops_for', 'flop_model',
+           'step_flops', 'training_flops', 'inference_flops', 'step_settings', 'reference_steps', 'step_throughput',
            'format_step_table', 'grad_checkpoint_cost', 'format_checkpoint_cost', 'reference_transforms',
            'ReferenceVOC', 'reference_epoch', 'pipeline_throughput', 'format_pipeline', 'build_parser',
            'run_benchmarks', 'main']
@@ -136,11 +137,11 @@ INFERENCE_MODES = {"whole": {}, "slide": {"mode": "slide"}, "flip": {"flip": Tru
                    "ms+flip": {"flip": True, "scales": (0.75, 1.0, 1.25)}, "slide+flip": {"mode": "slide", "flip": True}}
 
 def measure_mode(model: str = "unet", mode: str = "whole", size=(256, 512), n_images: int = 4, repeats: int = 2, device: str = "cpu", num_classes: int = 19,
-                 encoder: str | None = None) -> dict:
-    "Images/s and peak memory (MiB) of inference mode `mode` (a key of INFERENCE_MODES) in this process."
+                 encoder: str | None = None, **model_kwargs) -> dict:
+    "Images/s and peak memory (MiB) of inference mode `mode` (a key of INFERENCE_MODES) in this process (`model_kwargs` to `get_model`)."
     dev = torch.device(device)
     torch.manual_seed(0)
-    net = get_model(model, num_classes, encoder=encoder).eval().to(dev)
+    net = get_model(model, num_classes, encoder=encoder, **model_kwargs).eval().to(dev)
     runner = TorchRunner(net, dev)
     h, w = size
     spec = dict(INFERENCE_MODES[mode])
@@ -190,24 +191,37 @@ def peak_tflops_for(name: str) -> float | None:
     "Dense bf16/fp16 tensor-core peak (TFLOP/s) of a GPU from its name (`torch.cuda.get_device_name`); None when not in `PEAK_TFLOPS`."
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
+def flop_model(model: str, num_classes: int, aux_loss: bool = False, encoder: str | None = None, **model_kwargs) -> nn.Module:
+    """Segkit model `model` to count FLOPs on: on the meta device (`meta_model`), or on the CPU with random weights for a mask classifier
+    (`hf:`), whose forward pass reads tensor values (`.item()`), which the meta device has none of."""
+    if is_hf(model):
+        torch.manual_seed(0)
+        return get_model(model, num_classes, aux_loss, encoder=encoder, **model_kwargs)
+    return meta_model(model, num_classes, aux_loss, encoder, **model_kwargs)
+
 def step_flops(net: nn.Module, size: int, channels: int = 3) -> float:
-    "FLOPs of one training step (forward, loss, backward) of `net` per `size`x`size` image, counted on the meta device."
-    net = net.to("meta").train()
-    x = torch.empty(2, channels, size, size, device="meta")
-    y = torch.zeros(2, size, size, dtype=torch.long, device="meta")
+    """FLOPs of one training step (forward, loss, backward) of `net` per `size`x`size` image, counted where its parameters are (the meta device,
+    or the CPU for a mask classifier: there the loss is stood in for by a mean of its outputs, since its Hungarian matching runs on the host)."""
+    dev = next(net.parameters()).device
+    net = net.train()
+    x = torch.randn(2, channels, size, size, device=dev)
+    y = torch.zeros(2, size, size, dtype=torch.long, device=dev)
     with FlopCounterMode(display=False) as counter:
         out = net(x)
-        SegmentationLoss(0.5 if "aux" in out else 0.0)(out, y).backward()
+        if "queries" in out: loss = sum(m.float().mean() + c.float().mean() for m, c in out["queries"])
+        else: loss = SegmentationLoss(0.5 if "aux" in out else 0.0)(out, y)
+        loss.backward()
     return counter.get_total_flops() / 2
 
 def training_flops(model: str, num_classes: int, size: int, aux_loss: bool = False, encoder: str | None = None, **model_kwargs) -> float:
-    "`step_flops` of segkit model `model`, counted on the meta device."
-    return step_flops(meta_model(model, num_classes, aux_loss, encoder, **model_kwargs), size)
+    "`step_flops` of segkit model `model` (`flop_model`)."
+    return step_flops(flop_model(model, num_classes, aux_loss, encoder, **model_kwargs), size)
 
 def inference_flops(model: str, num_classes: int, size: int, encoder: str | None = None) -> float:
-    "FLOPs of one forward pass of `model` on a `size`x`size` image, counted on the meta device."
-    net = meta_model(model, num_classes, encoder=encoder).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad(): net(torch.empty(1, 3, size, size, device="meta"))
+    "FLOPs of one forward pass of `model` on a `size`x`size` image (`flop_model`)."
+    net = flop_model(model, num_classes, encoder=encoder).eval()
+    x = torch.randn(1, 3, size, size, device=next(net.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(): net(x)
     return counter.get_total_flops()
 
 # %% ../nbs/38_benchmarks.ipynb #ef641bca
