@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 import torch
 from torch import nn
-from .errors import DataError, CheckpointError, ConfigError, NonFiniteLossError, SegkitError, TrainingStopped, WeightsError, naming
+from .errors import DataError, CheckpointError, ConfigError, NonFiniteLossError, SegkitError, TrainingStopped, naming
 from .seed import seed_everything, derive_seed, get_rng_state, set_rng_state
 from .data import make_train_loader, make_eval_loader, set_loader_epoch
 from .augment import to_picture

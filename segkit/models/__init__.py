@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import segmentation as tvseg, get_weight
 from ..errors import ModelError, WeightsError, import_extra
 from .foundation import (LinearProbe, MaskClassifier, ViTPyramidEncoder, add_lora, hf_model, is_hf, layer_decay_scales,
-                                      load_hf_weights, register_vit_encoder)
+                                      load_hf_weights, prefixed_architecture, register_vit_encoder)
 
 log = logging.getLogger("segkit")
 
@@ -214,13 +214,8 @@ SMP_SIZE_MULTIPLES = {"pan": 128}                                          # PAN
 def is_smp(name) -> bool: return isinstance(name, str) and name.lower().startswith("smp:")
 
 def smp_architecture(name: str) -> str:
-    "The smp architecture of model name `smp:<architecture>`, checked."
-    arch = name.split(":", 1)[1].lower()
-    if arch not in SMP_ARCHITECTURES:
-        close = difflib.get_close_matches(arch, SMP_ARCHITECTURES, 3, 0.5)
-        raise ModelError(f"Unknown smp architecture {arch!r} (--model {name}). Known: {', '.join(SMP_ARCHITECTURES)}." +
-                         (f" Did you mean: {', '.join('smp:' + c for c in close)}?" if close else ""))
-    return arch
+    "The smp architecture of model name `smp:<architecture>`, checked (`prefixed_architecture`, `14a_foundation`)."
+    return prefixed_architecture(name, SMP_ARCHITECTURES, "smp")
 
 def _smp(purpose: str): return import_extra("segmentation_models_pytorch", purpose)
 

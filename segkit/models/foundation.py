@@ -13,9 +13,9 @@ from ..errors import ModelError, WeightsError, import_extra
 
 # %% auto #0
 __all__ = ['LINEAR_DEFAULT_ENCODER', 'HF_ARCHITECTURES', 'HF_ENCODERS', 'EOMT_DEFAULTS', 'HF_SHAPE_KEYS', 'LORA_TARGETS',
-           'ViTPyramidEncoder', 'register_vit_encoder', 'LinearProbe', 'is_hf', 'hf_architecture', 'hf_default_encoder',
-           'hf_config', 'MaskClassifier', 'hf_model', 'load_hf_weights', 'mask_targets', 'MaskClassificationLoss',
-           'add_lora', 'merge_lora', 'layer_index', 'layer_decay_scales']
+           'ViTPyramidEncoder', 'register_vit_encoder', 'LinearProbe', 'is_hf', 'prefixed_architecture',
+           'hf_architecture', 'hf_default_encoder', 'hf_config', 'MaskClassifier', 'hf_model', 'load_hf_weights',
+           'mask_targets', 'MaskClassificationLoss', 'add_lora', 'merge_lora', 'layer_index', 'layer_decay_scales']
 
 # %% ../../nbs/14a_foundation.ipynb #39203a02
 class ViTPyramidEncoder(nn.Module):
@@ -101,14 +101,17 @@ EOMT_DEFAULTS = dict(image_size=512, patch_size=16, num_queries=100, num_blocks=
 
 def is_hf(name) -> bool: return isinstance(name, str) and name.lower().startswith("hf:")
 
-def hf_architecture(name: str) -> str:
-    "The architecture of model name `hf:<architecture>`, checked."
+def prefixed_architecture(name: str, known, family: str) -> str:
+    """The architecture of model name `<family>:<architecture>` (`hf:eomt`; `smp:unet` in `14_models`), checked against `known`:
+    one that is not there is refused in one line that names the closest."""
     arch = name.split(":", 1)[1].lower()
-    if arch not in HF_ARCHITECTURES:
-        close = difflib.get_close_matches(arch, HF_ARCHITECTURES, 2, 0.5)
-        raise ModelError(f"Unknown architecture {arch!r} (--model {name}). Known: {', '.join('hf:' + a for a in HF_ARCHITECTURES)}." +
-                         (f" Did you mean: {', '.join('hf:' + c for c in close)}?" if close else ""))
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, 3, 0.5)
+        raise ModelError(f"Unknown {family} architecture {arch!r} (--model {name}). Known: {', '.join(f'{family}:{a}' for a in known)}." +
+                         (f" Did you mean: {', '.join(f'{family}:{c}' for c in close)}?" if close else ""))
     return arch
+
+def hf_architecture(name: str) -> str: return prefixed_architecture(name, HF_ARCHITECTURES, "hf")
 
 def hf_default_encoder(arch: str) -> str: return next(iter(HF_ENCODERS[arch]))
 
