@@ -154,11 +154,12 @@ def convert_sync_batchnorm(model: nn.Module, env: DistEnv, enabled: bool = True)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool = True) -> nn.Module:
-    "Move to the device, convert BatchNorm (GPU) and wrap in DDP when distributed."
+    """Move to the device, convert BatchNorm (GPU) and wrap in DDP when distributed; a model whose `unused_parameters` is true (it holds
+    parameters that train but never reach its loss) has DDP look for them at each step."""
     model = convert_sync_batchnorm(model.to(env.device), env, sync_bn)
     if not env.distributed: return model
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=getattr(model, "unused_parameters", False))
 
 def unwrap(model: nn.Module) -> nn.Module:
     "The plain model inside `torch.compile`'s and DDP's wrappers (whose state dict has the model's own parameter names)."

@@ -147,6 +147,7 @@ class MaskClassifier(nn.Module):
         super().__init__()
         self.net, self.arch, self.encoder_name = net, arch, encoder_name
         self.size_multiple = 32 if arch == "mask2former" else 1
+        self.unused_parameters = arch == "mask2former"   # Mask2Former never reads its Swin's final norm: DDP is told (`wrap_model`, 17_distributed)
         if arch == "eomt":
             size = net.config.image_size
             self.fixed_size = (size, size) if isinstance(size, int) else tuple(size)
