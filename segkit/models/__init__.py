@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import segmentation as tvseg, get_weight
 from ..errors import ModelError, WeightsError, import_extra
 from .foundation import (LinearProbe, MaskClassifier, ViTPyramidEncoder, add_lora, hf_model, is_hf, layer_decay_scales,
-                                      load_hf_weights, prefixed_architecture, register_vit_encoder)
+                                      load_eomt_backbone, load_hf_weights, prefixed_architecture, register_vit_encoder)
 
 log = logging.getLogger("segkit")
 
@@ -192,10 +192,10 @@ def _foundation_model(name, num_classes, aux_loss, weights, weights_backbone, in
     "`hf:<architecture>` or `linear` (see `14a_foundation`), built and loaded."
     if aux_loss: raise ModelError(f"{name} has no auxiliary segmentation head: set aux_loss=False (--aux-loss false).")
     if is_hf(name):
-        if weights_backbone:
-            raise WeightsError(f"--weights-backbone is not for {name}: give a transformers folder of the whole model (config.json, model.safetensors) "
-                               "as --weights, or train from scratch.")
         model = hf_model(name, num_classes, encoder, in_channels, **kwargs)
+        if weights_backbone:                                                # a timm ViT file into EoMT's ViT (14a_foundation)
+            path = resolve_weights(weights_backbone)
+            log.info(f"Backbone weights from {path}: {load_eomt_backbone(model, load_state_dict_file(path), str(path))}")
     else:
         if kwargs: raise ModelError(f"--model linear takes no --model-kwargs (got {sorted(kwargs)}).")
         model = LinearProbe(num_classes, encoder, in_channels)

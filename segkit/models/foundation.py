@@ -15,7 +15,8 @@ from ..errors import ModelError, WeightsError, import_extra
 __all__ = ['LINEAR_DEFAULT_ENCODER', 'HF_ARCHITECTURES', 'HF_ENCODERS', 'EOMT_DEFAULTS', 'HF_SHAPE_KEYS', 'LORA_TARGETS',
            'ViTPyramidEncoder', 'register_vit_encoder', 'LinearProbe', 'is_hf', 'prefixed_architecture',
            'hf_architecture', 'hf_default_encoder', 'hf_config', 'MaskClassifier', 'hf_model', 'load_hf_weights',
-           'mask_targets', 'MaskClassificationLoss', 'add_lora', 'merge_lora', 'layer_index', 'layer_decay_scales']
+           'timm_vit_to_eomt', 'load_eomt_backbone', 'mask_targets', 'MaskClassificationLoss', 'add_lora', 'merge_lora',
+           'layer_index', 'layer_decay_scales']
 
 # %% ../../nbs/14a_foundation.ipynb #39203a02
 class ViTPyramidEncoder(nn.Module):
@@ -226,6 +227,53 @@ def load_hf_weights(model: MaskClassifier, weights, num_classes: int, state: dic
     if missing: raise WeightsError(f"weights {p}: the file lacks {len(missing)} tensors of hf:{model.arch}, e.g. {missing[:3]}; these weights are for another model.")
     model.load_state_dict(fitted, strict=False)
     return skipped
+
+# %% ../../nbs/14a_foundation.ipynb #2dd478bc
+def timm_vit_to_eomt(state: dict, config, where: str = "the weights file") -> dict:
+    """A timm ViT's state dict (DINOv2's `vit_small_patch14_dinov2`, `..._reg4_dinov2`, and other plain ViTs) as the backbone of EoMT model
+    `config`, with `MaskClassifier`'s keys: q, k and v split from `qkv`, the patch embedding resampled to EoMT's patch size and the position
+    embedding to its grid (timm's `resample_patch_embed`, `resample_abs_pos_embed`)."""
+    layers = import_extra("timm.layers", "--weights-backbone for hf:eomt")
+    if "patch_embed.proj.weight" not in state or "cls_token" not in state or "pos_embed" not in state:
+        raise WeightsError(f"{where} is not a timm ViT's weights (no patch_embed.proj.weight, cls_token, pos_embed): give a file saved from a timm "
+                           "ViT (vit_small_patch14_dinov2, ...), or a transformers folder of the whole model as --weights.")
+    width, depth = state["cls_token"].shape[-1], len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if (width, depth) != (config.hidden_size, config.num_hidden_layers):
+        sizes = {(384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large"}
+        raise WeightsError(f"{where} holds a ViT of width {width} with {depth} blocks, this EoMT one of {config.hidden_size} with "
+                           f"{config.num_hidden_layers}: " + (f"give --encoder {sizes[width, depth]}." if (width, depth) in sizes else "give weights of its size."))
+    p, grid = config.patch_size, config.image_size // config.patch_size
+    pos = state["pos_embed"]
+    side = math.isqrt(pos.shape[1])
+    prefix = pos.shape[1] - side * side                                  # 1 where the class token has a position of its own (DINOv2 without registers)
+    out = {"embeddings.cls_token": state["cls_token"] + (pos[:, :1] if prefix else 0),
+           "embeddings.patch_embeddings.projection.weight": layers.resample_patch_embed(state["patch_embed.proj.weight"], [p, p]),
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+           "embeddings.position_embeddings.weight": layers.resample_abs_pos_embed(pos[:, prefix:], [grid, grid], [side, side], num_prefix_tokens=0)[0],
+           "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"]}
+    if "reg_token" in state and state["reg_token"].shape[1] == config.num_register_tokens: out["embeddings.register_tokens"] = state["reg_token"]
+    same = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(depth):
+        b, e = f"blocks.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            out.update(zip((e + f"attention.{x}_proj.{kind}" for x in "qkv"), state[b + f"attn.qkv.{kind}"].chunk(3)))
+            out.update({e + f"{theirs}.{kind}": state[b + f"{ours}.{kind}"] for ours, theirs in same.items()})
+        out.update({e + f"layer_scale{n}.lambda1": state[b + f"ls{n}.gamma"] for n in (1, 2) if b + f"ls{n}.gamma" in state})
+    return {f"net.{k}": v for k, v in out.items()}
+
+def load_eomt_backbone(model: MaskClassifier, state: dict, where: str = "the weights file") -> str:
+    "Load a timm ViT's `state` into EoMT `model`'s ViT (`timm_vit_to_eomt`); says what was loaded."
+    if model.arch != "eomt":
+        raise WeightsError(f"--weights-backbone is for hf:eomt (a timm ViT file), not hf:{model.arch}: give a transformers folder of the whole model "
+                           "(config.json, model.safetensors) as --weights, or train from scratch.")
+    if model.net.config.num_channels != 3: raise WeightsError(f"{where} is a ViT of RGB images: --weights-backbone for hf:eomt takes --in-channels 3.")
+    mapped, own = timm_vit_to_eomt(state, model.net.config, where), model.state_dict()
+    wrong = [k for k, v in mapped.items() if k not in own or own[k].shape != v.shape]
+    if wrong: raise WeightsError(f"{where} does not fit this EoMT: {', '.join(wrong[:3])} differ; give weights of a timm ViT of its size.")
+    model.load_state_dict(mapped, strict=False)
+    vit = [k for k in own if k.startswith(("net.embeddings.", "net.layers.", "net.layernorm."))]
+    return f"{len(mapped)} of the ViT's {len(vit)} tensors" + ("" if len(mapped) == len(vit) else " (the rest, register tokens, random)")
+
 
 # %% ../../nbs/14a_foundation.ipynb #d856099b
 def mask_targets(target, size, ignore_index: int = 255) -> list:
