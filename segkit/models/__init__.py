@@ -336,7 +336,6 @@ def meta_model(model: str, num_classes: int, aux_loss: bool = False, encoder: st
         if "meta" not in str(e): raise
     return get_model(model, num_classes, aux_loss, encoder=encoder, **model_kwargs).to("meta")
 
-
 # %% ../../nbs/14_models.ipynb #fcd42ebc
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0, layer_decay: float = 1.0) -> list:
     """Optimizer groups: backbone at `lr`, head at `lr*head_lr_mult`; no weight decay on biases and norm weights; with `layer_decay` < 1, each

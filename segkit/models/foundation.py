@@ -242,14 +242,15 @@ def timm_vit_to_eomt(state: dict, config, where: str = "the weights file") -> di
         sizes = {(384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large"}
         raise WeightsError(f"{where} holds a ViT of width {width} with {depth} blocks, this EoMT one of {config.hidden_size} with "
                            f"{config.num_hidden_layers}: " + (f"give --encoder {sizes[width, depth]}." if (width, depth) in sizes else "give weights of its size."))
-    p, grid = config.patch_size, config.image_size // config.patch_size
+    p, size = config.patch_size, config.image_size
+    grid = [size // p] * 2 if isinstance(size, int) else [s // p for s in size]
     pos = state["pos_embed"]
     side = math.isqrt(pos.shape[1])
     prefix = pos.shape[1] - side * side                                  # 1 where the class token has a position of its own (DINOv2 without registers)
     out = {"embeddings.cls_token": state["cls_token"] + (pos[:, :1] if prefix else 0),
            "embeddings.patch_embeddings.projection.weight": layers.resample_patch_embed(state["patch_embed.proj.weight"], [p, p]),
            "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-           "embeddings.position_embeddings.weight": layers.resample_abs_pos_embed(pos[:, prefix:], [grid, grid], [side, side], num_prefix_tokens=0)[0],
+           "embeddings.position_embeddings.weight": layers.resample_abs_pos_embed(pos[:, prefix:], grid, [side, side], num_prefix_tokens=0)[0],
            "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"]}
     if "reg_token" in state and state["reg_token"].shape[1] == config.num_register_tokens: out["embeddings.register_tokens"] = state["reg_token"]
     same = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
@@ -273,7 +274,6 @@ def load_eomt_backbone(model: MaskClassifier, state: dict, where: str = "the wei
     model.load_state_dict(mapped, strict=False)
     vit = [k for k in own if k.startswith(("net.embeddings.", "net.layers.", "net.layernorm."))]
     return f"{len(mapped)} of the ViT's {len(vit)} tensors" + ("" if len(mapped) == len(vit) else " (the rest, register tokens, random)")
-
 
 # %% ../../nbs/14a_foundation.ipynb #d856099b
 def mask_targets(target, size, ignore_index: int = 255) -> list:
