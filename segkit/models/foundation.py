@@ -254,12 +254,15 @@ def timm_vit_to_eomt(state: dict, config, where: str = "the weights file") -> di
            "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"]}
     if "reg_token" in state and state["reg_token"].shape[1] == config.num_register_tokens: out["embeddings.register_tokens"] = state["reg_token"]
     same = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    for i in range(depth):
-        b, e = f"blocks.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias"):
-            out.update(zip((e + f"attention.{x}_proj.{kind}" for x in "qkv"), state[b + f"attn.qkv.{kind}"].chunk(3)))
-            out.update({e + f"{theirs}.{kind}": state[b + f"{ours}.{kind}"] for ours, theirs in same.items()})
-        out.update({e + f"layer_scale{n}.lambda1": state[b + f"ls{n}.gamma"] for n in (1, 2) if b + f"ls{n}.gamma" in state})
+    try:
+        for i in range(depth):
+            b, e = f"blocks.{i}.", f"layers.{i}."
+            for kind in ("weight", "bias"):
+                out.update(zip((e + f"attention.{x}_proj.{kind}" for x in "qkv"), state[b + f"attn.qkv.{kind}"].chunk(3)))
+                out.update({e + f"{theirs}.{kind}": state[b + f"{ours}.{kind}"] for ours, theirs in same.items()})
+            out.update({e + f"layer_scale{n}.lambda1": state[b + f"ls{n}.gamma"] for n in (1, 2) if b + f"ls{n}.gamma" in state})
+    except KeyError as missing:        # a ViT of another build (no biases, a SwiGLU MLP): not one EoMT's ViT can take
+        raise WeightsError(f"{where} has no {missing.args[0]}: EoMT's ViT takes a plain timm ViT (DINOv2's), with biases and a two-layer MLP.") from None
     return {f"net.{k}": v for k, v in out.items()}
 
 def load_eomt_backbone(model: MaskClassifier, state: dict, where: str = "the weights file") -> str:
@@ -273,7 +276,8 @@ def load_eomt_backbone(model: MaskClassifier, state: dict, where: str = "the wei
     if wrong: raise WeightsError(f"{where} does not fit this EoMT: {', '.join(wrong[:3])} differ; give weights of a timm ViT of its size.")
     model.load_state_dict(mapped, strict=False)
     vit = [k for k in own if k.startswith(("net.embeddings.", "net.layers.", "net.layernorm."))]
-    return f"{len(mapped)} of the ViT's {len(vit)} tensors" + ("" if len(mapped) == len(vit) else " (the rest, register tokens, random)")
+    rest = sorted({k.rsplit(".", 1)[-1].replace("_", " ") for k in vit if k not in mapped})     # what the file does not have: left as built
+    return f"{len(mapped)} of the ViT's {len(vit)} tensors" + (f" (the rest, {', '.join(rest)}, random)" if rest else "")
 
 # %% ../../nbs/14a_foundation.ipynb #d856099b
 def mask_targets(target, size, ignore_index: int = 255) -> list:
